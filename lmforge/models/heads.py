@@ -1,0 +1,136 @@
+"""Task heads over the shared backbone and `Model`, the one module a checkpoint holds.
+
+`forward` returns tensors: LM/MLM logits (B, T, V); pretraining (MLM logits, NSP
+logits (B, 2)); classify logits (B, num_labels); qa (start, end) logits (B, T) each;
+embed sentence vectors (B, d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.nn.layers import activation
+
+
+class LMHead(nn.Module):
+    """Softmax output over the vocabulary: logits = (s·h) W_E^T (+ b), W_E tied or not."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.scale = cfg.logit_scale
+        self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
+
+    def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
+        w = tokens.weight if self.weight is None else self.weight
+        return F.linear(h * self.scale if self.scale != 1.0 else h, w, self.bias)
+
+
+class MLMHead(nn.Module):
+    """BERT's MLM head: dense → act → LayerNorm → tied decoder + bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = activation(cfg.activation)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
+        return F.linear(self.norm(self.act(self.dense(h))), tokens.weight, self.bias)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, T, d) → (B, d): masked mean, first token ([CLS]) or last real token."""
+    if how == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    m = attention_mask.to(hidden.dtype)
+    if how == "mean":
+        return (hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)
+    # last real token; works for right and left padding
+    idx = (m * torch.arange(1, m.shape[1] + 1, device=m.device)).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+class Model(nn.Module):
+    """Backbone + the head named by `cfg.task`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Transformer(cfg)
+        t = cfg.task
+        self.lm_head = LMHead(cfg) if t == "lm" else None
+        self.mlm_head = MLMHead(cfg) if t in ("mlm", "pretraining") else None
+        self.nsp_head = nn.Linear(cfg.d_model, 2) if t == "pretraining" else None
+        self.classifier = nn.Linear(cfg.d_model, cfg.num_labels, bias=cfg.family != "decoder") \
+            if t == "classify" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.qa_head = nn.Linear(cfg.d_model, 2) if t == "qa" else None
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, LMHead) and m.weight is not None:
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, input_ids, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
+               decoder_attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Final hidden states of the top stack: (B, T, d)."""
+        bb, fam = self.backbone, self.cfg.family
+        if fam == "encoder":
+            return bb.encode(input_ids, attention_mask, token_type_ids)
+        if fam == "decoder":
+            return bb.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder model needs decoder_input_ids")
+        memory = bb.encode(input_ids, attention_mask)
+        return bb.decode(decoder_input_ids, memory=memory, memory_mask=attention_mask,
+                         attention_mask=decoder_attention_mask)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits (B, T, V) from top hidden states."""
+        return self.lm_head(hidden, self.backbone.tokens)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
+                decoder_attention_mask=None, position_ids=None):
+        t = self.cfg.task
+        if t == "embed" and self.cfg.family == "encoder-decoder":
+            h = self.backbone.encode(input_ids, attention_mask)
+        else:
+            h = self.hidden(input_ids, attention_mask, token_type_ids, decoder_input_ids,
+                            decoder_attention_mask, position_ids)
+        if t == "lm":
+            return self.logits(h)
+        if t == "mlm":
+            return self.mlm_head(h, self.backbone.tokens)
+        if t == "pretraining":
+            return self.mlm_head(h, self.backbone.tokens), self.nsp_head(self.backbone.pool(h))
+        if t == "qa":
+            start, end = self.qa_head(h).unbind(-1)
+            return start, end
+        if t == "embed":
+            return pool(h, attention_mask, self.cfg.pooling)
+        # classify: BERT's pooled [CLS]; decoders use the last real token (as HF does)
+        if self.cfg.family == "encoder":
+            x = self.backbone.pool(h) if self.backbone.pooler is not None else h[:, 0]
+        else:
+            mask = decoder_attention_mask if self.cfg.family == "encoder-decoder" else attention_mask
+            x = pool(h, mask, "last")
+        return self.classifier(self.drop(x))
+
+
+def build_model(cfg: ModelConfig) -> Model:
+    return Model(cfg)

@@ -1,0 +1,118 @@
+"""lmforge's own model directory: `config.json` + `model.safetensors` (+ tokenizer files).
+
+Loading checks every key and every shape and refuses a partial load. Saving writes
+each file to a temporary name and renames it, so an interrupted save never leaves a
+half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.models.heads import Model
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def is_lmforge_dir(path: str | Path) -> bool:
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        return False
+    try:
+        d = json.loads(cfg.read_text())
+    except ValueError:
+        return False
+    return "family" in d and "model_type" not in d
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) and move the result onto `path` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
+                 allow_missing: tuple[str, ...] = ()) -> None:
+    """Copy `sd` into `model` after checking every key and shape; refuse partial loads.
+
+    allow_missing: key prefixes that may stay freshly initialised (a new task head).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(allow_missing)]
+    unexpected = [k for k in sd if k not in own]
+    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in sd if k in own and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:20])}"
+                        + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:20])}"
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if bad:
+        problems.append("wrong shape: " + "; ".join(bad[:20]))
+    if problems:
+        raise ValueError(f"{source}: refusing a partial load: " + " | ".join(problems))
+    model.load_state_dict(sd, strict=False)
+
+
+def save_model(model: Model, directory: str | Path) -> Path:
+    """Write config.json + model.safetensors into `directory` (created if needed)."""
+    directory = Path(directory)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(model.cfg.to_dict(), indent=2)))
+    return directory
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> Model:
+    """Load an lmforge model directory. `overrides` change config fields (e.g. a new task)."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found (an lmforge model directory holds {CONFIG} and {WEIGHTS})")
+    cfg = ModelConfig.load(cfg_path)
+    new_head = bool(overrides) and overrides.get("task", cfg.task) != cfg.task
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    model = Model(cfg)
+    sd = read_safetensors(w_path)
+    load_weights(model, sd, str(w_path), new_head=new_head, dtype=dtype)
+    return model.to(dtype)
+
+
+def load_weights(model: Model, sd: dict[str, torch.Tensor], source: str, new_head: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Checked load; with new_head only the backbone must match and the task head starts fresh."""
+    if new_head:
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if k in own and not k.startswith(HEAD_PREFIXES[:-1])}
+    load_checked(model, {k: v.to(dtype) for k, v in sd.items()}, source,
+                 allow_missing=HEAD_PREFIXES if new_head else ())
+
+
+# task heads, then the pooler (kept from the checkpoint when present, fresh otherwise)
+HEAD_PREFIXES = ("lm_head.", "mlm_head.", "nsp_head.", "classifier.", "qa_head.", "backbone.pooler.")

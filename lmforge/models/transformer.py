@@ -1,0 +1,155 @@
+"""The Transformer backbone: encoder, decoder and encoder-decoder from the same blocks.
+
+Encoder-decoder models follow The Annotated Transformer's shape: `encode(src)`
+once, then `decode(tgt, memory)` (step by step with a KV cache when generating).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import ModelConfig
+from lmforge.nn.attention import Attention, KVCache, additive_mask
+from lmforge.nn.layers import FeedForward, RelativeBias, Rotary, make_norm, sinusoidal_table
+
+
+class Block(nn.Module):
+    """Self-attention (+ cross-attention) + feed-forward, each in a residual branch.
+
+    pre-norm:  x = x + f(norm(x))      (GPT-2, Llama, T5)
+    post-norm: x = norm(x + f(x))      (the paper, BERT, BART, Marian)
+    """
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.attn, self.attn_norm = Attention(cfg), make_norm(cfg)
+        self.cross = Attention(cfg, cross=True) if cross else None
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.ff, self.ff_norm = FeedForward(cfg), make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x, norm, f):
+        if self.pre:
+            return x + self.drop(f(norm(x)))
+        return norm(x + self.drop(f(x)))
+
+    def forward(self, x, mask=None, is_causal=False, rope=None, memory=None, memory_mask=None,
+                cache: KVCache | None = None, layer: int = 0):
+        x = self._residual(x, self.attn_norm,
+                           lambda h: self.attn(h, mask=mask, is_causal=is_causal, rope=rope,
+                                               cache=cache, layer=layer))
+        if self.cross is not None:
+            x = self._residual(x, self.cross_norm,
+                               lambda h: self.cross(h, memory=memory, mask=memory_mask,
+                                                    cache=cache, layer=layer))
+        return self._residual(x, self.ff_norm, self.ff)
+
+
+class Stack(nn.Module):
+    """A stack of blocks with its own positional encoding, embedding norm and final norm.
+
+    The token embedding is owned by the backbone and shared between stacks.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, causal: bool, cross: bool):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        self.positions = self.rope = self.rel_bias = None
+        if cfg.position == "learned":
+            self.positions = nn.Embedding(cfg.max_len + cfg.pos_offset, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(cfg.max_len, cfg.d_model), persistent=False)
+        elif cfg.position == "rope":
+            self.rope = Rotary(cfg.head_dim, cfg.rope_theta)
+        elif cfg.position == "relative":
+            self.rel_bias = RelativeBias(cfg.rel_buckets, cfg.rel_max_distance, cfg.n_heads,
+                                         bidirectional=not causal)
+        self.types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size and not causal \
+            and not cross else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, cross) for _ in range(n_layers))
+        self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, d) token embeddings → hidden states (B, T, d).
+
+        attention_mask (B, T_total) marks real tokens (1) and padding (0); with a cache
+        T_total covers the cached positions too. position_ids (B, T) default to
+        offset + arange(T) where offset is the number of cached positions.
+        """
+        B, T, _ = x.shape
+        offset = cache.pos if cache is not None else 0
+        if offset + T > self.cfg.max_len and self.rope is None and self.rel_bias is None:
+            raise ValueError(f"sequence of {offset + T} positions exceeds the model's max_len={self.cfg.max_len}")
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=x.device)[None].expand(B, T)
+        x = x * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions(position_ids + self.cfg.pos_offset)
+        elif self.rel_bias is None and self.rope is None and hasattr(self, "sinusoid"):
+            x = x + self.sinusoid[position_ids].to(x.dtype)
+        if self.types is not None:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
+            x = x + self.types(tt)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+
+        k_len = offset + T
+        bias = self.rel_bias(T, k_len, offset) if self.rel_bias is not None else None
+        simple_causal = self.causal and attention_mask is None and bias is None and offset == 0
+        mask = None if simple_causal else additive_mask(
+            T, k_len, causal=self.causal, offset=offset, key_padding=attention_mask, bias=bias,
+            dtype=x.dtype, device=x.device)
+        mem_mask = None
+        if memory is not None and memory_mask is not None:
+            mem_mask = additive_mask(T, memory.shape[1], causal=False, key_padding=memory_mask,
+                                     dtype=x.dtype, device=x.device)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask=mask, is_causal=simple_causal, rope=rope, memory=memory,
+                      memory_mask=mem_mask, cache=cache, layer=i)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x) if self.norm is not None else x
+
+
+class Transformer(nn.Module):
+    """Token embeddings + encoder and/or decoder stacks (+ BERT's pooler)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = Stack(cfg, cfg.n_encoder_layers, causal=False, cross=False) \
+            if cfg.n_encoder_layers else None
+        self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=cfg.family == "encoder-decoder") \
+            if cfg.n_decoder_layers else None
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) ids → memory (B, S, d)."""
+        return self.encoder(self.tokens(input_ids), attention_mask=attention_mask,
+                            token_type_ids=token_type_ids)
+
+    def decode(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None,
+               memory_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) target ids (+ encoder memory) → hidden states (B, T, d)."""
+        return self.decoder(self.tokens(input_ids), attention_mask=attention_mask,
+                            position_ids=position_ids, memory=memory, memory_mask=memory_mask,
+                            cache=cache)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT pooler: tanh(W h_[CLS] + b)."""
+        return torch.tanh(self.pooler(hidden[:, 0]))

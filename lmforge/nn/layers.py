@@ -1,0 +1,129 @@
+"""Building blocks: norms, feed-forward variants and positional encodings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g  (Zhang & Sennrich 2019; T5's and Llama's norm).
+
+    Computed in float32 like the reference implementations, then cast back.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "geglu": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def activation(name: str):
+    return _ACT[name]
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = W_down act(W_up x)  or, gated (GLU variants, Shazeer 2020),
+    W_down (act(W_gate x) * W_up x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = activation(cfg.activation)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+        return self.down(self.drop(h))
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """(n_pos, dim) table of "Attention Is All You Need" §3.5:
+    PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
+    Stored as [sin | cos] halves (the tensor2tensor/Marian layout): the same
+    encoding with the dimensions permuted."""
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv[None, :]  # (n_pos, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).float()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) in the rotate-half layout of HF Llama."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) → cos, sin of shape (B, 1, T, head_dim) in float32."""
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd): x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RelativeBias(nn.Module):
+    """T5's learned relative position bias (Raffel et al. 2020, §2.1): one scalar per
+    (bucket, head); buckets are exact for small distances and logarithmic up to
+    `max_distance`. Bidirectional in the encoder, causal in the decoder."""
+
+    def __init__(self, n_buckets: int, max_distance: int, n_heads: int, bidirectional: bool):
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_heads))
+
+    def bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        """rel = key_pos - query_pos (int64) → bucket ids."""
+        n = self.n_buckets
+        out = torch.zeros_like(rel)
+        if self.bidirectional:
+            n //= 2
+            out = out + (rel > 0).long() * n  # keys to the right get the upper half
+            dist = rel.abs()
+        else:
+            dist = (-rel).clamp(min=0)  # only the past counts
+        exact = n // 2
+        # log-spaced buckets for distances in [exact, max_distance)
+        far = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                       * (n - exact)).long()
+        far = far.clamp(max=n - 1)
+        return out + torch.where(dist < exact, dist, far)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        """→ (1, H, q_len, k_len) additive bias; queries sit at offset..offset+q_len-1."""
+        dev = self.weight.device
+        q = torch.arange(offset, offset + q_len, device=dev)[:, None]
+        k = torch.arange(k_len, device=dev)[None, :]
+        values = F.embedding(self.bucket(k - q), self.weight)  # (q, k, H)
+        return values.permute(2, 0, 1)[None]
