@@ -69,7 +69,12 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 @dataclass
 class GGUFModel:
-    """A GGUF checkpoint in Hugging Face terms."""
+    """A GGUF checkpoint in Hugging Face terms.
+
+    `config` has LlamaConfig keys; `state_dict` maps LlamaForCausalLM keys (`model.embed_tokens.weight`,
+    `model.layers.{i}.self_attn.q_proj.weight`, ..., `model.norm.weight`, and `lm_head.weight` only
+    when untied) to float32 tensors.
+    """
 
     config: dict
     state_dict: dict[str, torch.Tensor]
@@ -172,6 +177,8 @@ def _state_dict(path: str, tensors: dict, config: dict) -> dict[str, torch.Tenso
     required += [f"blk.{i}.{w}" for i in range(config["num_hidden_layers"]) for w in REQUIRED_BLOCK_WEIGHTS]
     if missing := [name for name in required if name not in tensors]:
         raise ValueError(f"{path}: missing required tensors: {', '.join(missing)}")
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: llama3-style rope scaling (rope_freqs.weight) is not supported")
     if unknown := [name for name in tensors if _hf_key(name) is None]:
         raise ValueError(f"{path}: unexpected tensors (not a plain llama model?): {', '.join(unknown)}")
     for name, t in tensors.items():
@@ -219,7 +226,7 @@ def _tokenizer(meta: dict) -> tuple[Tokenizer | None, dict[str, str]]:
     vocab = {}
     for index, token in enumerate(tokens):
         spelled = token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))
-        vocab.setdefault(spelled, index)
+        vocab[spelled] = index  # a later duplicate wins, as in transformers
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
@@ -251,13 +258,12 @@ def _tokenizer(meta: dict) -> tuple[Tokenizer | None, dict[str, str]]:
     )
 
     # llama.cpp's add_bos/add_eos flags become a template around every encoded sequence.
-    ids = {role: meta.get(f"tokenizer.ggml.{role}_token_id") for role in ("bos", "eos")}
-    bos = [tokens[ids["bos"]]] if meta.get("tokenizer.ggml.add_bos_token") and "bos" in special else []
-    eos = [tokens[ids["eos"]]] if meta.get("tokenizer.ggml.add_eos_token") and "eos" in special else []
-    if bos or eos:
+    ends = {r: special[r] for r in ("bos", "eos") if meta.get(f"tokenizer.ggml.add_{r}_token") and r in special}
+    if ends:
+        bos, eos = [ends["bos"]] if "bos" in ends else [], [ends["eos"]] if "eos" in ends else []
         tok.post_processor = processors.TemplateProcessing(
             single=[*bos, "$A", *eos],
             pair=[*bos, "$A", *eos, *bos, "$B:1", *eos],
-            special_tokens=[(tokens[ids[r]], int(ids[r])) for r, on in (("bos", bos), ("eos", eos)) if on],
+            special_tokens=[(t, int(meta[f"tokenizer.ggml.{r}_token_id"])) for r, t in ends.items()],
         )
     return tok, special
