@@ -97,19 +97,26 @@ def load_hf(directory: str | Path, task: str | None = None, dtype: torch.dtype =
         hf_cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise ValueError(f"{cfg_path}: not valid JSON: {e}") from e
-    base = from_hf_config(hf_cfg, where=str(cfg_path))
-    sd_hf = read_hf_weights(directory)
-    if base.hf_arch == "bert" and not any("pooler.dense" in k for k in sd_hf):
-        base = base.replace(pooler=False) if base.task not in ("pretraining",) else base
+    from_hf_config(hf_cfg, where=str(cfg_path))  # reject unsupported configs before reading weights
+    return model_from_hf(hf_cfg, read_hf_weights(directory), str(directory), task, dtype, **overrides)
+
+
+def model_from_hf(hf_cfg: dict, sd_hf: dict[str, torch.Tensor], source: str, task: str | None = None,
+                  dtype: torch.dtype = torch.float32, **overrides) -> Model:
+    """Build a Model from a HF config dict and HF-named tensors (also used by the GGUF import)."""
+    base = from_hf_config(hf_cfg, where=source)
+    if base.hf_arch == "bert" and base.task != "pretraining" and not any("pooler.dense" in k for k in sd_hf):
+        base = base.replace(pooler=False)
     if base.hf_arch == "t5":  # a separate head exists only if the checkpoint holds a different one
         head, shared = sd_hf.get("lm_head.weight"), sd_hf.get("shared.weight")
         base = base.replace(tie_embeddings=head is None or (shared is not None and torch.equal(head, shared)))
     new_head = task is not None and task != base.task
-    cfg = base.replace(task=task, **({"pooler": True} if task in ("classify",) and base.hf_arch == "bert" else {}),
-                       **overrides) if (new_head or overrides) else base
+    if new_head and task == "classify" and base.hf_arch == "bert":
+        overrides = {"pooler": True, **overrides}
+    cfg = base.replace(**({"task": task} if new_head else {}), **overrides)
     model = Model(cfg)
-    sd = convert_from_hf(base if new_head else cfg, sd_hf, str(directory), lenient_heads=new_head)
-    load_weights(model, sd, str(directory), new_head=new_head, dtype=dtype)
+    sd = convert_from_hf(base if new_head else cfg, sd_hf, source, lenient_heads=new_head)
+    load_weights(model, sd, source, new_head=new_head, dtype=dtype)
     return model.to(dtype)
 
 
