@@ -148,7 +148,7 @@ class Tokenizer:
 
 def _bert_from_vocab(vocab_file: Path, config: dict) -> HFTokenizer:
     """BERT's WordPiece pipeline built from a `vocab.txt`, as HF's BertTokenizerFast converter does."""
-    unk, cls_, sep = (config.get(k, d) for k, d in (("unk_token", "[UNK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]")))
+    unk, cls_, sep = (config.get(f"{r}_token", d) for r, d in (("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]")))
     hf = HFTokenizer(models.WordPiece(models.WordPiece.read_file(str(vocab_file)), unk_token=unk))
     hf.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
@@ -165,7 +165,8 @@ def _bert_from_vocab(vocab_file: Path, config: dict) -> HFTokenizer:
 def _template(single: str, pair: str, hf: HFTokenizer) -> processors.TemplateProcessing:
     tokens = {t for t in (single + " " + pair).split() if not t.startswith("$")}
     tokens = {t.split(":")[0] for t in tokens}
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[(t, hf.token_to_id(t)) for t in tokens])
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[(t, hf.token_to_id(t)) for t in sorted(tokens)])
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -175,11 +176,14 @@ _FAMILIES = {
     "encoder": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
                 {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
                 "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1"),
-    "encoder-decoder": (["<pad>", "<s>", "</s>", "<unk>"], {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"},
+    "encoder-decoder": (["<pad>", "<s>", "</s>", "<unk>"],
+                        {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"},
                         "$A </s>", "$A </s> $B:1 </s>:1"),
-    "t5": (["<pad>", "</s>", "<unk>"], {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}, "$A </s>", "$A </s> $B:1 </s>:1"),
+    "t5": (["<pad>", "</s>", "<unk>"], {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"},
+           "$A </s>", "$A </s> $B:1 </s>:1"),
     "bart": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-             {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>", "cls": "<s>", "sep": "</s>"},
+             {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>",
+              "cls": "<s>", "sep": "</s>"},
              "<s> $A </s>", "<s> $A </s> </s> $B </s>"),
 }
 
@@ -256,7 +260,8 @@ def train_tokenizer(files: str | Path | Iterable[str | Path], kind: str, vocab_s
         raise ValueError("files is empty: no training files given")
     for f in files:
         _check_text_file(f)
-    hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase, n_sentinels)
+    hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase,
+                                                         n_sentinels)
     try:
         hf.train([str(f) for f in files], trainer)
     except Exception as e:  # e.g. Unigram: "The vocabulary is not large enough to contain all chars"
@@ -267,7 +272,8 @@ def train_tokenizer(files: str | Path | Iterable[str | Path], kind: str, vocab_s
 def train_tokenizer_from_iterator(texts: Iterable[str], kind: str, vocab_size: int, family: str = "decoder",
                                   min_frequency: int = 2, lowercase: bool = False, n_sentinels: int = 100) -> Tokenizer:
     """Like `train_tokenizer`, on an iterable of in-memory strings."""
-    hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase, n_sentinels)
+    hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase,
+                                                         n_sentinels)
     seen = [False]
 
     def counted() -> Iterator[str]:

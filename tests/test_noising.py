@@ -61,8 +61,8 @@ def test_mlm_proportions():
 
 def test_mlm_is_seeded_and_validates():
     ids = synthetic_batch(torch.Generator().manual_seed(1), 4, 32)
-    a = mask_tokens(ids, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, generator=torch.Generator().manual_seed(5))
-    b = mask_tokens(ids, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, generator=torch.Generator().manual_seed(5))
+    a, b = (mask_tokens(ids, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL,
+                        generator=torch.Generator().manual_seed(5)) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="mask_id"):
         mask_tokens(ids, mask_id=None, vocab_size=VOCAB, special_ids=SPECIAL)

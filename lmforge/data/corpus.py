@@ -57,7 +57,8 @@ def _lines(path: Path) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not valid UTF-8 at line {lineno} (byte offset {offset + e.start})") from None
+                raise ValueError(f"{path} is not valid UTF-8 at line {lineno} "
+                                 f"(byte offset {offset + e.start})") from None
             yield line
             offset += len(raw)
 
@@ -104,7 +105,8 @@ def _dataset_documents(path: Path, text_field: str) -> Iterator[str]:
         yield from (row[text_field] for row in part)
 
 
-def read_texts(source: str | Path | Iterable[str | Path], split: str = "file", text_field: str = "text") -> Iterator[str]:
+def read_texts(source: str | Path | Iterable[str | Path], split: str = "file",
+               text_field: str = "text") -> Iterator[str]:
     """Yield the non-blank documents of a corpus: .txt/.md files, folders of them, .jsonl, or a saved HF dataset.
 
     split ("file" | "paragraph" | "line") says what one document is in a plain-text file;
@@ -254,7 +256,7 @@ def _windows(data: np.ndarray, starts, block_size: int) -> tuple[torch.Tensor, t
 
 def random_windows(tokens, block_size: int, batch_size: int,
                    generator: torch.Generator | np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """nanoGPT's get_batch: `batch_size` random windows -> (x, y) int64 tensors of shape (B, T), y = x shifted by one."""
+    """nanoGPT's get_batch: `batch_size` random windows -> (x, y), int64 (B, T), y = x shifted by one."""
     data = _as_numpy(tokens)
     if len(data) <= block_size:
         raise ValueError(f"block_size={block_size} needs more than {block_size} tokens; the array has {len(data)}")

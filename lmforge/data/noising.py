@@ -184,7 +184,8 @@ def span_corruption(ids, *, noise_density: float = 0.15, mean_span_length: float
     if eos_id is None:
         raise ValueError("eos_id is None")
     if not 0 < noise_density < 1 or mean_span_length < 1:
-        raise ValueError(f"noise_density={noise_density} must be in (0, 1) and mean_span_length={mean_span_length} >= 1")
+        raise ValueError(f"noise_density={noise_density} must be in (0, 1) "
+                         f"and mean_span_length={mean_span_length} >= 1")
     noise = random_spans_noise_mask(len(ids), noise_density, mean_span_length, generator)
     span_start = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
     n_spans = int(span_start.sum())
