@@ -1,0 +1,204 @@
+"""Sentence embeddings, similarity and semantic search.
+
+Pretraining places sentences in a vector space where similar meanings lie close
+(Reimers & Gurevych 2019, Sentence-BERT). `embed` pools the top hidden states of a
+model (mean, [CLS], or the last token for decoders); `SemanticIndex` stores the
+vectors with their texts and the model's identity, and searches them exactly with a
+matrix product (or with an HNSW graph from hnswlib for very large collections).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.models.heads import Model, pool
+from lmforge.models.io import atomic_write
+
+
+def default_pooling(model: Model) -> str:
+    if model.cfg.task == "embed" or model.cfg.family != "decoder":
+        return model.cfg.pooling if model.cfg.task == "embed" else "mean"
+    return "last"
+
+
+@torch.inference_mode()
+def embed(model: Model, tokenizer, texts: list[str], *, batch_size: int = 32, normalize: bool = True,
+          pooling: str | None = None, max_length: int | None = 256, progress: bool = False) -> torch.Tensor:
+    """Embed `texts` → (N, d) float32, in input order.
+
+    Texts are sorted by length so each batch carries little padding; inputs longer
+    than `max_length` tokens are truncated (keeping the final special token, as
+    sentence-transformers does)."""
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a list of texts, not a single string")
+    if not texts:
+        raise ValueError("embed(): no texts given")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"embed(): text {i} is empty")
+    pooling = pooling or default_pooling(model)
+    limit = min(max_length or model.cfg.max_len, model.cfg.max_len)
+    encoded = [_truncate(ids, limit, tokenizer) for ids in tokenizer.encode_batch(list(texts))]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    device = next(model.parameters()).device
+    out = torch.empty(len(texts), model.cfg.d_model)
+    bar = _progress(len(texts), progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        n = len(encoded[idx[0]])  # longest of this batch (sorted descending)
+        ids = torch.full((len(idx), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, :len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        full = bool(mask.all())
+        h = _hidden(model, ids, None if full else mask)
+        vec = pool(h, mask, pooling).float()
+        out[idx] = (F.normalize(vec, dim=-1) if normalize else vec).cpu()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _hidden(model: Model, ids, mask):
+    if model.cfg.family == "encoder-decoder":
+        return model.backbone.encode(ids, mask)
+    if model.cfg.family == "encoder":
+        return model.backbone.encode(ids, mask)
+    return model.backbone.decode(ids, attention_mask=mask)
+
+
+def _truncate(ids: list[int], limit: int, tokenizer) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    last = ids[-1]
+    return ids[:limit - 1] + [last] if last in tokenizer.special_ids else ids[:limit]
+
+
+def _progress(total: int, on: bool):
+    if not on:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="text", desc="embedding")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity: (N, d), (M, d) → (N, M)."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def model_identity(model_dir: str | Path) -> dict:
+    """What an index must agree on with the model that queries it: the path and a
+    fingerprint of the weights file."""
+    p = Path(model_dir)
+    weights = p if p.is_file() else next((p / n for n in ("model.safetensors", "pytorch_model.bin")
+                                          if (p / n).is_file()), None)
+    h = hashlib.sha256()
+    if weights is not None:
+        with open(weights, "rb") as f:
+            h.update(f.read(1 << 20))  # the header and first MiB fingerprint the weights cheaply
+        h.update(str(weights.stat().st_size).encode())
+    return {"model": str(p.resolve()), "fingerprint": h.hexdigest()[:16]}
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    index: int
+    text: str
+
+
+class SemanticIndex:
+    """Embeddings + texts + model identity in one directory; exact or HNSW search."""
+
+    ANN_THRESHOLD = 1_000_000
+
+    def __init__(self, vectors: np.ndarray, texts: list[str], meta: dict):
+        self.vectors, self.texts, self.meta = vectors, texts, meta
+        self._ann = None
+
+    @classmethod
+    def build(cls, model: Model, tokenizer, texts: list[str], model_dir: str | Path, *, batch_size: int = 32,
+              ann: bool | None = None, progress: bool = False) -> "SemanticIndex":
+        if model.cfg.family == "decoder" and model.cfg.task != "embed":
+            raise ValueError(f"{model_dir}: index build needs a model with an encoder (or one fine-tuned for "
+                             f"embeddings); this is a decoder-only {model.cfg.task} model")
+        vecs = embed(model, tokenizer, texts, batch_size=batch_size, normalize=True, progress=progress).numpy()
+        meta = {**model_identity(model_dir), "count": len(texts), "dim": int(vecs.shape[1]),
+                "pooling": default_pooling(model),
+                "ann": bool(ann if ann is not None else len(texts) >= cls.ANN_THRESHOLD)}
+        return cls(vecs.astype(np.float32), list(texts), meta)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        atomic_write(d / "embeddings.npy", lambda tmp: np.save(open(tmp, "wb"), self.vectors))
+        atomic_write(d / "texts.jsonl", lambda tmp: Path(tmp).write_text(
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in self.texts)))
+        atomic_write(d / "index.json", lambda tmp: Path(tmp).write_text(json.dumps(self.meta, indent=2)))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SemanticIndex":
+        d = Path(directory)
+        for name in ("index.json", "embeddings.npy", "texts.jsonl"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name} not found: {d} is not an lmforge index (lmforge index build)")
+        meta = json.loads((d / "index.json").read_text())
+        vecs = np.load(d / "embeddings.npy", mmap_mode="r")
+        texts = [json.loads(line)["text"] for line in (d / "texts.jsonl").read_text().splitlines() if line]
+        if len(texts) != vecs.shape[0] or vecs.shape[0] != meta["count"]:
+            raise ValueError(f"{d}: index is inconsistent ({vecs.shape[0]} vectors, {len(texts)} texts, "
+                             f"index.json says {meta['count']})")
+        return cls(np.array(vecs, dtype=np.float32), texts, meta)
+
+    def check_model(self, model_dir: str | Path) -> None:
+        ident = model_identity(model_dir)
+        if ident["fingerprint"] != self.meta["fingerprint"]:
+            raise ValueError(f"index was built with model {self.meta['model']} (fingerprint "
+                             f"{self.meta['fingerprint']}), but is queried with {ident['model']} "
+                             f"(fingerprint {ident['fingerprint']}); rebuild the index with this model")
+
+    def search(self, query_vectors: torch.Tensor | np.ndarray, top_k: int = 10) -> list[list[Hit]]:
+        """query_vectors (Q, d), L2-normalised → top_k hits per query, best first."""
+        q = np.asarray(query_vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.vectors.shape[1]}")
+        k = min(top_k, len(self.texts))
+        if k < 1:
+            raise ValueError(f"top_k={top_k} must be >= 1")
+        if self.meta.get("ann"):
+            idx, scores = self._ann_search(q, k)
+        else:
+            sims = torch.from_numpy(q) @ torch.from_numpy(self.vectors).T  # (Q, N) exact
+            s, i = sims.topk(k, dim=1)
+            idx, scores = i.numpy(), s.numpy()
+        return [[Hit(r + 1, float(scores[j, r]), int(idx[j, r]), self.texts[int(idx[j, r])]) for r in range(k)]
+                for j in range(q.shape[0])]
+
+    def _ann_search(self, q: np.ndarray, k: int):
+        try:
+            import hnswlib
+        except ImportError as e:
+            raise ImportError("approximate search over large indexes needs hnswlib: pip install 'lmforge[ann]'") from e
+        if self._ann is None:
+            n, dim = self.vectors.shape
+            self._ann = hnswlib.Index(space="ip", dim=dim)
+            self._ann.init_index(max_elements=n, ef_construction=200, M=32)
+            self._ann.add_items(self.vectors, np.arange(n))
+            self._ann.set_ef(max(64, 2 * k))
+        labels, dist = self._ann.knn_query(q, k=k)
+        return labels, 1.0 - dist  # hnswlib's "ip" distance is 1 - dot

@@ -1,0 +1,1 @@
+"""Task-level data readers and evaluations (they run a model and call `lmforge.evaluate`)."""

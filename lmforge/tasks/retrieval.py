@@ -1,0 +1,71 @@
+"""Retrieval evaluation: queries → relevant documents, ranked by embedding similarity.
+
+Data: JSONL lines `{"query": str, "positives": [str, ...]}` (the collection is every
+positive, plus `{"doc": str}` lines for distractors), or a SQuAD v1.1 JSON file, where
+each question's relevant document is its paragraph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.embed import SemanticIndex, embed
+from lmforge.evaluate import retrieval_metrics
+
+
+def read_retrieval(path: str | Path, limit: int | None = None) -> tuple[list[str], list[str], list[set[int]]]:
+    """→ (queries, docs, relevant doc indices per query). For SQuAD, `limit` stops after the
+    paragraph that reaches `limit` questions: the collection is every paragraph read so far."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    docs, where, queries, relevant = [], {}, [], []
+
+    def doc_id(text: str) -> int:
+        if text not in where:
+            where[text] = len(docs)
+            docs.append(text)
+        return where[text]
+
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        paragraphs = (p for article in data.get("data", []) for p in article["paragraphs"])
+        for para in paragraphs:
+            if limit and len(queries) >= limit:
+                break
+            d = doc_id(para["context"])
+            for qa in para["qas"]:
+                queries.append(qa["question"])
+                relevant.append({d})
+    else:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+                if "doc" in row:
+                    doc_id(row["doc"])
+                    continue
+                if not row.get("query") or not row.get("positives"):
+                    raise ValueError(f"{path}:{n}: needs 'query' and a non-empty 'positives' list (or 'doc')")
+                queries.append(row["query"])
+                relevant.append({doc_id(p) for p in row["positives"]})
+    if not queries:
+        raise ValueError(f"{path}: no queries found")
+    if limit:  # the whole collection stays: distractors make the task meaningful
+        queries, relevant = queries[:limit], relevant[:limit]
+    return queries, docs, relevant
+
+
+def eval_retrieval(model, tokenizer, queries, docs, relevant, batch_size: int = 32,
+                   ks=(1, 5, 10)) -> dict[str, float]:
+    """recall@k, MRR@10 and nDCG@10 of exact cosine search over `docs`."""
+    index = SemanticIndex.build(model, tokenizer, docs, model_dir="", batch_size=batch_size)
+    q = embed(model, tokenizer, queries, batch_size=batch_size)
+    hits = index.search(q, top_k=max(ks))
+    ranked = [[h.index for h in row] for row in hits]
+    return {**retrieval_metrics(ranked, relevant, ks=ks), "queries": len(queries), "docs": len(docs)}
