@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.models.transformer import Transformer
-from lmforge.nn.layers import activation
+from lmforge.nn.layers import Linear, activation, fast_linear
 
 
 class LMHead(nn.Module):
@@ -27,7 +27,7 @@ class LMHead(nn.Module):
 
     def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
         w = tokens.weight if self.weight is None else self.weight
-        return F.linear(h * self.scale if self.scale != 1.0 else h, w, self.bias)
+        return fast_linear(h * self.scale if self.scale != 1.0 else h, w, self.bias)
 
 
 class MLMHead(nn.Module):
@@ -35,13 +35,13 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dense = Linear(cfg.d_model, cfg.d_model)
         self.act = activation(cfg.activation)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
-        return F.linear(self.norm(self.act(self.dense(h))), tokens.weight, self.bias)
+        return fast_linear(self.norm(self.act(self.dense(h))), tokens.weight, self.bias)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:

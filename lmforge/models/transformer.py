@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.nn.attention import Attention, KVCache, additive_mask
-from lmforge.nn.layers import FeedForward, RelativeBias, Rotary, make_norm, sinusoidal_table
+from lmforge.nn.layers import FeedForward, Linear, RelativeBias, Rotary, make_norm, sinusoidal_table
 
 
 class Block(nn.Module):
@@ -134,7 +134,7 @@ class Transformer(nn.Module):
             if cfg.n_encoder_layers else None
         self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=cfg.family == "encoder-decoder") \
             if cfg.n_decoder_layers else None
-        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
+        self.pooler = Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

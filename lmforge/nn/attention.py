@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.nn.layers import apply_rotary
+from lmforge.nn.layers import Linear, apply_rotary
 
 
 class KVCache:
@@ -63,10 +63,10 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale  # None → 1/sqrt(hd) inside SDPA
         self.dropout = cfg.attn_dropout
         inner, kv_inner = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
-        self.k = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
-        self.v = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
-        self.o = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.q = Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.k = Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.v = Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.o = Linear(inner, cfg.d_model, bias=cfg.bias)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
