@@ -12,18 +12,42 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 
 
-# oneDNN's fp32 GEMM is ~2x faster than MKL's on AMD CPUs (measured: bench/README.md); used
-# for inference only (the op has no autograd) and switchable off with LMFORGE_ONEDNN=0.
+# oneDNN's fp32 GEMM is ~2x faster than MKL's on AMD CPUs (bench/README.md), forward and
+# backward. Off with LMFORGE_ONEDNN=0; any other device or dtype uses F.linear.
 _ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _DNNLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN; backward: dx = dy W, dW = dy^T x, db = sum dy."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _dnn(x, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+        dx = _dnn(dy2, w.t().contiguous(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = _dnn(dy2.t().contiguous(), x2.t().contiguous(), None) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN on CPU when no gradient is needed."""
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+    """F.linear, through oneDNN on CPU in float32."""
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32):
+        return F.linear(x, w, b)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _DNNLinear.apply(x, w, b)
+    return _dnn(x, w, b)
 
 
 class Linear(nn.Linear):
