@@ -1,0 +1,328 @@
+"""Generation: greedy and beam search identical to HF transformers for every family, sampling,
+cached = uncached decoding, batching, stop conditions, text streaming and input errors."""
+
+import pytest
+import torch
+import transformers as T
+
+from lmforge.config import ModelConfig
+from lmforge.generate import SamplingParams, beam_search, generate, stream_text, stream_tokens, text_deltas
+from lmforge.interop.hf import load_hf
+from lmforge.models.heads import Model
+from tests.conftest import tiny_hf
+
+ARCHS = ["gpt2", "llama", "t5", "bart", "marian"]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """arch -> (HF model, our model) with the same random weights, built on first use."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            ref = tiny_hf(arch)
+            torch.manual_seed(3)
+            with torch.no_grad():  # larger weights than the default init: varied, non-repeating outputs
+                for name, p in ref.named_parameters():
+                    if p.ndim == 2 and "embed_positions" not in name:  # Marian's positions are sinusoids
+                        p.normal_(0, 0.3)
+            d = tmp_path_factory.mktemp(arch)
+            ref.save_pretrained(d)
+            ours = load_hf(d).eval()
+            c = ours.cfg  # only what we pass: none of HF's defaults (forced EOS, ...)
+            ref.generation_config = T.GenerationConfig(
+                bos_token_id=c.bos_id, eos_token_id=c.eos_id, decoder_start_token_id=c.decoder_start_id,
+                pad_token_id=c.pad_id if c.pad_id is not None else c.eos_id)
+            cache[arch] = ref, ours
+        return cache[arch]
+    return get
+
+
+def prompts(model, batch=3, length=7, seed=1):
+    """Random prompts; decoder-only rows 1.. are left-padded, encoder sources right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    pad = model.cfg.pad_id if model.cfg.pad_id is not None else 0
+    for i in range(1, batch):
+        n = 2 * i
+        if model.cfg.family == "decoder":
+            ids[i, :n], mask[i, :n] = pad, 0
+        else:
+            ids[i, length - n:], mask[i, length - n:] = pad, 0
+    return ids, mask
+
+
+def hf_new_tokens(ref, out, ids, eos):
+    """HF sequences → new tokens per row, cut after the first EOS."""
+    seq = out[:, 1:] if ref.config.is_encoder_decoder else out[:, ids.shape[1]:]
+    rows = []
+    for r in seq.tolist():
+        end = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
+        rows.append(r[:end])
+    return rows
+
+
+def eos_from_output(model, ids, mask, k=2):
+    """EOS ids that our greedy output reaches: tokens from the middle of the rows."""
+    rows = generate(model, ids, mask, max_new_tokens=NEW, eos_ids=[]).tolist()
+    return [rows[i % len(rows)][3 + 2 * i] for i in range(k)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_hf(pairs, arch):
+    ref, ours = pairs(arch)
+    ids, mask = prompts(ours)
+    for eos in ([ours.cfg.eos_id], eos_from_output(ours, ids, mask, 1)):
+        for min_new in (0, 5):
+            out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=min_new,
+                               do_sample=False, num_beams=1, eos_token_id=eos)
+            got = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos, min_new_tokens=min_new)
+            assert got.tolist() == hf_new_tokens(ref, out, ids, eos)
+            assert all(n >= min_new for n in got.lengths.tolist())
+
+
+def test_greedy_penalties_match_hf(pairs):
+    ref, ours = pairs("gpt2")
+    ids = prompts(ours, batch=1)[0]
+    out = ref.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5,
+                       no_repeat_ngram_size=2, eos_token_id=None)
+    got = generate(ours, ids, max_new_tokens=NEW, eos_ids=[],
+                   sampling=SamplingParams(repetition_penalty=1.5), no_repeat_ngram_size=2)
+    assert got.tolist() == hf_new_tokens(ref, out, ids, [])
+
+
+BEAM_CASES = [(1.0, True), (0.6, True), (0.6, False), (2.0, "never")]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "llama", "bart"])
+def test_beam_search_matches_hf(pairs, arch):
+    ref, ours = pairs(arch)
+    ids, mask = prompts(ours)
+    eos = eos_from_output(ours, ids, mask)  # two EOS ids that the beams do reach
+    finished_early = False
+    for lp, es in BEAM_CASES:
+        kw = dict(max_new_tokens=NEW, num_beams=4, length_penalty=lp, early_stopping=es, no_repeat_ngram_size=3,
+                  num_return_sequences=2)
+        out = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=eos,
+                           output_scores=True, return_dict_in_generate=True, **kw)
+        got = generate(ours, ids, mask, strategy="beam", eos_ids=eos, **kw)
+        assert got.tolist() == hf_new_tokens(ref, out.sequences, ids, eos)
+        assert got.scores.shape == out.sequences_scores.shape == (6,)
+        assert (got.scores - out.sequences_scores).abs().max().item() <= 1e-4
+        finished_early |= bool((got.lengths < NEW).any())
+    assert finished_early  # the EOS paths were exercised
+
+
+def test_sampling_matches_hf_under_the_same_seed(pairs):
+    ref, ours = pairs("llama")
+    ids, mask = prompts(ours)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    torch.manual_seed(7)
+    out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, temperature=0.8,
+                       top_k=20, top_p=0.9, eos_token_id=[])
+    got = generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", sampling=params, seed=7, eos_ids=[])
+    assert got.tolist() == hf_new_tokens(ref, out, ids, [])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_sampling_is_seeded_and_stays_in_the_allowed_set(pairs, arch):
+    _, ours = pairs(arch)
+    ids, mask = prompts(ours)
+    params = SamplingParams(temperature=1.5, top_k=5, top_p=0.7)
+    run = lambda seed: generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", sampling=params,  # noqa: E731
+                                seed=seed, eos_ids=[])
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    for i in range(ids.shape[0]):  # every token lies in the filtered support of its recomputed logits
+        src = ids[i:i + 1, mask[i].bool()]
+        for t, tok in enumerate(a.sequences[i].tolist()):
+            logits, hist = full_logits(ours, src, a.sequences[i:i + 1, :t])
+            assert torch.isfinite(params.process(logits, hist)[0, tok])
+    n = generate(ours, ids, mask, max_new_tokens=3, strategy="sample", num_return_sequences=2, seed=0)
+    assert n.sequences.shape[0] == 2 * ids.shape[0]
+
+
+def full_logits(model, src, new):
+    """Next-token logits (1, V) by recomputing the whole sequence (no cache), and the history."""
+    with torch.no_grad():
+        if model.cfg.family == "decoder":
+            seq = torch.cat([src, new], 1)
+            return model(seq)[:, -1], seq
+        dec = torch.cat([torch.tensor([[model.cfg.decoder_start_id]]), new], 1)
+        return model(src, decoder_input_ids=dec)[:, -1], dec
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "marian"])
+def test_cached_decoding_equals_uncached(pairs, arch):
+    _, ours = pairs(arch)
+    src = prompts(ours, batch=1)[0]
+    new = torch.zeros(1, 0, dtype=torch.long)
+    for _ in range(NEW):
+        new = torch.cat([new, full_logits(ours, src, new)[0].argmax(-1, keepdim=True)], 1)
+    assert generate(ours, src, max_new_tokens=NEW, eos_ids=[]).tolist() == new.tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_beam_width_one_is_greedy(pairs, arch):
+    _, ours = pairs(arch)
+    ids, mask = prompts(ours)
+    eos = eos_from_output(ours, ids, mask, 1)
+    greedy = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos)
+    beam = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos, strategy="beam", num_beams=1,
+                    early_stopping=True)
+    assert beam.tolist() == greedy.tolist()
+    assert (greedy.lengths < NEW).any()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_padded_batch_equals_each_prompt_alone(pairs, arch):
+    _, ours = pairs(arch)
+    ids, mask = prompts(ours)
+    for kw in (dict(), dict(strategy="beam", num_beams=3, num_return_sequences=2)):
+        batch = generate(ours, ids, mask, max_new_tokens=NEW, **kw)
+        alone = [row for i in range(ids.shape[0])
+                 for row in generate(ours, ids[i][mask[i].bool()].tolist(), max_new_tokens=NEW, **kw).tolist()]
+        assert batch.tolist() == alone
+    # lists of ragged prompts are padded the same way
+    ragged = [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+    assert generate(ours, ragged, max_new_tokens=NEW).tolist() == generate(ours, ids, mask, max_new_tokens=NEW).tolist()
+
+
+def test_stream_tokens_yields_pad_after_eos(pairs):
+    _, ours = pairs("gpt2")
+    ids, mask = prompts(ours)
+    eos = eos_from_output(ours, ids, mask, 1)
+    steps = torch.stack(list(stream_tokens(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos)), 1)
+    res = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos)
+    assert torch.equal(steps, res.sequences)
+    for row, n in zip(steps.tolist(), res.lengths.tolist()):
+        assert all(t == ours.cfg.pad_id for t in row[n:])
+
+
+# ---- text --------------------------------------------------------------------------------------
+LINES = ["Café crème brûlée à la française 🍮", "naïve façade, jalapeño piñata 🌶️🎉",
+         "Grüße aus Köln 🇩🇪 und Zürich", "日本語のテキスト 👋 こんにちは", "emoji 😀😃😄 and ☕ coffee"]
+
+
+class ByteBPE:
+    """A tiny byte-level BPE (HF `tokenizers`): tokens can end inside a UTF-8 character."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        self.hf = Tokenizer(models.BPE())
+        self.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self.hf.decoder = decoders.ByteLevel()
+        self.hf.train_from_iterator(LINES * 3, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        self.eos_id = self.hf.token_to_id("<eos>")
+
+    def encode(self, text):
+        return self.hf.encode(text).ids
+
+    def decode(self, ids):
+        return self.hf.decode(list(ids))
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    tok = ByteBPE()
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="decoder", vocab_size=tok.hf.get_vocab_size(), d_model=32, n_heads=4,
+                      n_decoder_layers=2, d_ff=64, max_len=128, init_std=0.5, eos_id=tok.eos_id, pad_id=tok.eos_id)
+    return Model(cfg).eval(), tok
+
+
+def test_text_deltas_never_split_a_character():
+    tok = ByteBPE()
+    text = "Grüße 👋 日本 🎉!"
+    # one token per byte: every multi-byte character is split across tokens
+    alphabet = {b: tok.hf.token_to_id(c) for b, c in enumerate(_bytes_to_unicode())}
+    ids = [alphabet[b] for b in text.encode("utf-8")]
+    pieces = list(text_deltas(tok, ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) == len(text)  # one character at a time, as soon as it is complete
+    assert "".join(text_deltas(tok, ids, stop_strings=["日本"])) == "Grüße 👋 "
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte → printable character table (the ByteLevel alphabet), in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def test_stream_text_equals_generate(text_model):
+    model, tok = text_model
+    prompt = "Café 🍮"
+    for seed in range(3):
+        kw = dict(max_new_tokens=40, strategy="sample", seed=seed)
+        full = generate(model, tok.encode(prompt), tokenizer=tok, **kw)
+        pieces = list(stream_text(model, tok, prompt, **kw))
+        assert "".join(pieces) == full.texts[0]
+        assert all(p and not p.endswith("\ufffd") for p in pieces[:-1])
+        # a stop string taken from the middle of the text ends both, cut before it
+        text = full.texts[0]
+        stop = next((text[i:i + 2] for i in range(len(text) // 3, len(text) - 2) if "\ufffd" not in text[i:i + 2]),
+                    None)
+        if stop is None:
+            continue
+        cut = generate(model, tok.encode(prompt), tokenizer=tok, stop_strings=[stop], **kw)
+        assert cut.texts[0] == text[:text.find(stop)]
+        assert cut.lengths[0] < full.lengths[0]
+        assert "".join(stream_text(model, tok, prompt, stop_strings=[stop], **kw)) == cut.texts[0]
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(pairs):
+    _, ours = pairs("gpt2")
+    ok = [[5, 6, 7]]
+    cases = [
+        (dict(input_ids=[]), "empty prompt"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+        (dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[0, 0]])), "empty prompt"),
+        (dict(input_ids=[list(range(3, 63))]), "context window"),
+        (dict(input_ids=ok, max_new_tokens=0), "max_new_tokens"),
+        (dict(input_ids=ok, max_new_tokens=-2), "max_new_tokens"),
+        (dict(input_ids=ok, strategy="beam", num_beams=0), "num_beams"),
+        (dict(input_ids=ok, strategy="nucleus"), "unknown strategy"),
+        (dict(input_ids=ok, strategy="beam", num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(input_ids=ok, num_return_sequences=2), "num_return_sequences"),
+        (dict(input_ids=ok, num_beams=4), "strategy='beam'"),
+        (dict(input_ids=ok, stop_strings=["x"]), "tokenizer"),
+        (dict(input_ids=ok, strategy="beam", sampling=SamplingParams(top_k=5)), "deterministic"),
+    ]
+    for kw, msg in cases:
+        kw = {"max_new_tokens": 10, **kw}
+        with pytest.raises(ValueError, match=msg):
+            generate(ours, **kw)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    bad = SamplingParams()
+    bad.top_p = 0.0
+    with pytest.raises(ValueError, match="top_p"):
+        generate(ours, ok, max_new_tokens=3, strategy="sample", sampling=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(ours, ok, max_new_tokens=3, strategy="sample", sampling=SamplingParams(temperature=0))
+    encoder = Model(ModelConfig(family="encoder", n_encoder_layers=1, n_decoder_layers=0, d_model=16, n_heads=2,
+                                d_ff=32, vocab_size=50, task="embed"))
+    with pytest.raises(ValueError, match="decoder"):
+        generate(encoder, ok, max_new_tokens=3)
+
+
+def test_truncate_keeps_the_last_tokens(pairs):
+    _, ours = pairs("gpt2")  # max_len 64
+    long = list(range(3, 63))  # 60 tokens + 10 new > 64
+    cut = generate(ours, [long], max_new_tokens=10, truncate=True)
+    assert cut.tolist() == generate(ours, [long[-54:]], max_new_tokens=10).tolist()
+    with pytest.raises(ValueError, match="truncate=True"):
+        beam_search(ours, [long], max_new_tokens=10)
