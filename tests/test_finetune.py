@@ -70,6 +70,8 @@ def test_classify_finetune_improves_and_saves_labels(sentiment):
     assert evaluate_task("classify", d / "out", d / "dev.tsv")["accuracy"] == pytest.approx(m["accuracy"])
     (pred,) = predict_task("classify", d / "out", "the film was superb")
     assert pred["label"] == "positive" and set(pred["probs"]) == {"negative", "positive"}
+    preds = predict_task("classify", d / "out", d / "dev.tsv")  # a labelled file: its text column
+    assert len(preds) == 60 and preds[0]["text"] != "sentence"
 
 
 def test_classify_lora_checkpoint_is_plain(sentiment):

@@ -369,13 +369,17 @@ def _texts(inputs) -> list[str]:
 
 def predict_task(task: str, model_dir: str | Path, inputs, context: str | None = None,
                  **options) -> list[dict[str, Any]]:
-    """Run a saved model on inputs (a text, a list of texts or a file). classify →
-    [{text, label, probs}]; seq2seq → [{source, translation}]; qa → [{id|question, answer}]: a
+    """Run a saved model on inputs (a text, a list of texts or a file: .txt one per line, .jsonl
+    'text' field, .tsv/.csv text column for classify). classify → [{text, label, probs}]; seq2seq → [{source, translation}]; qa → [{id|question, answer}]: a
     SQuAD .json file, a .jsonl file of {question, context}, or question text(s) with `context`."""
     opts = coerce_options(task, options)
     model, tok = _load(model_dir)
     if task == "classify":
-        texts = _texts(inputs)
+        p = Path(str(inputs))
+        if not isinstance(inputs, (list, tuple)) and p.suffix in (".tsv", ".csv") and p.is_file():
+            texts = [e.text for e in classify.read_classify(p, opts.text_field, label_field=None)]
+        else:
+            texts = _texts(inputs)
         preds = classify.predict_classify(model, tok, texts, batch_size=opts.eval_batch_size, max_len=opts.max_len)
         return [{"text": t, "label": label, "probs": probs} for t, (label, probs) in zip(texts, preds)]
     if task == "seq2seq":
