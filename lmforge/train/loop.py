@@ -66,7 +66,7 @@ class TrainConfig:
     grad_accum: int = 1  # batches per update
     # how long
     max_steps: int = 1000
-    max_minutes: float | None = None  # wall-clock budget; the run stops at whichever comes first
+    max_minutes: float | None = None  # wall-clock budget (a resumed run counts its earlier time); whichever first
     # runtime
     device: str = "auto"  # "auto" → cuda when available, else cpu
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast, weights stay float32

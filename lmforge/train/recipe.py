@@ -19,6 +19,7 @@ current directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -114,7 +115,7 @@ def _coerce(value, tp, where: str):
     """A YAML or command-line value as the declared type (PyYAML reads 3e-4 as a string)."""
     origin, args = get_origin(tp), get_args(tp)
     if origin is Union or type(tp).__name__ == "UnionType":
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for a in args:
@@ -225,7 +226,7 @@ def recipe_from_dict(d: dict, where: str = "<recipe>") -> Recipe:
 def apply_overrides(d: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Set dotted keys in a recipe dict from `key=value` strings (values parsed as YAML scalars)."""
     import yaml
-    d = json.loads(json.dumps(d))  # a deep copy
+    d = copy.deepcopy(d)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
@@ -267,7 +268,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ValueError(f"{path}: a recipe must be a mapping, got {type(d).__name__}")
         recipe_from_dict(d, str(path))  # unknown keys in the file are reported against the file
         where = f"{path} with overrides"
-    return recipe_from_dict(apply_overrides(d, overrides), where if overrides else str(path))
+    if not overrides:
+        where = str(path) if path is not None else "<default recipe>"
+    return recipe_from_dict(apply_overrides(d, overrides), where)
 
 
 # ---- the run -------------------------------------------------------------------------------------
