@@ -265,6 +265,8 @@ def test_recipe_yaml_overrides_and_unknown_keys(tmp_path):
     assert r.train.lr == 1e-3 and isinstance(r.train.lr, float) and r.train.max_steps == 1000
     assert r.model == {"preset": "gpt-tiny", "d_model": 32, "n_heads": 2} and r.data.source == ["a.txt", "b.txt"]
     assert r.train.compile is True and r.out_dir == "x" and r.objective.name == "causal_lm"
+    assert load_recipe(path, ["train.max_minutes=2"]).train.max_minutes == 2.0
+    assert load_recipe(path, ["train.max_minutes=none", "tokenizer.path=null"]).train.max_minutes is None
     assert load_recipe(path).train.lr == 3e-4  # PyYAML reads 3e-4 as a string; the field type makes it a float
     with pytest.raises(ValueError, match=r"unknown key 'train.lrr'.*"):
         load_recipe(path, ["train.lrr=1"])
