@@ -43,8 +43,9 @@ class _DNNLinear(torch.autograd.Function):
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN on CPU in float32."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32):
-        return F.linear(x, w, b)
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _DNNLinear.apply(x, w, b)
     return _dnn(x, w, b)
