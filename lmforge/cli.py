@@ -112,7 +112,7 @@ def _cmd_search(a) -> int:
 
 def _cmd_eval(a) -> int:
     from lmforge import api
-    model, tok = api.load(a.model)
+    model, tok = api.load(a.model) if a.task in ("sts", "retrieval") else (None, None)
     if a.task == "sts":
         from lmforge.tasks.sts import eval_sts, read_sts
         metrics = eval_sts(model, tok, read_sts(a.data), batch_size=a.batch_size)
@@ -120,7 +120,11 @@ def _cmd_eval(a) -> int:
         from lmforge.tasks.retrieval import eval_retrieval, read_retrieval
         metrics = eval_retrieval(model, tok, *read_retrieval(a.data, limit=a.limit), batch_size=a.batch_size)
     else:
-        raise ValueError(f"unknown eval task {a.task!r}")
+        from lmforge.tasks.finetune import evaluate_task
+        opts = _overrides(a.overrides)
+        if a.limit:
+            opts["limit"] = a.limit
+        metrics = evaluate_task(a.task, a.model, a.data, **opts)
     _print_metrics(a.task, metrics)
     if a.out:
         Path(a.out).write_text(json.dumps(metrics, indent=2))
@@ -131,6 +135,128 @@ def _print_metrics(task: str, metrics: dict) -> None:
     print(f"{'metric':<16}{task}")
     for k, v in metrics.items():
         print(f"{k:<16}{v:.4f}" if isinstance(v, float) else f"{k:<16}{v}")
+
+
+def _cmd_tokenizer(a) -> int:
+    from lmforge.tokenizer import train_tokenizer
+    tok = train_tokenizer(a.files, kind=a.kind, vocab_size=a.vocab_size, family=a.family,
+                          min_frequency=a.min_frequency, lowercase=a.lowercase)
+    tok.save(a.out)
+    print(f"trained a {a.kind} tokenizer with {tok.vocab_size} tokens; saved to {a.out}")
+    return 0
+
+
+def _cmd_pretrain(a) -> int:
+    from lmforge import api
+    from lmforge.train.recipe import load_recipe, run_pretraining
+    recipe = load_recipe(a.config, a.overrides)
+    result = run_pretraining(recipe)
+    m = result["metrics"]
+    print(f"\nmodel: {result['parameters']:,} parameters, {result['train_tokens']:,} training tokens")
+    for k in ("steps", "train_loss", "valid_loss", "valid_perplexity", "tokens_per_s"):
+        if k in m:
+            print(f"{k:18}{m[k]:.4g}" if isinstance(m[k], float) else f"{k:18}{m[k]}")
+    print(f"saved model and tokenizer to {result['model_dir']}; loss plot {result['plot']}; log {result['log']}")
+    model, tok = api.load(result["model_dir"])
+    if model.cfg.task == "lm" and model.cfg.family == "decoder" and a.samples:
+        print("\nsample continuations (top-k 40 sampling, temperature 0.8):")
+        for prompt in a.prompt or ["The", "A class definition", "The import statement"]:
+            text = api.generate_text(model, tok, prompt, max_new_tokens=60, strategy="sample", temperature=0.8,
+                                     top_k=40, seed=0)
+            print(f"--- {prompt!r}\n{prompt}{text}")
+    return 0
+
+
+def _sampling_args(s) -> None:
+    s.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
+    s.add_argument("--num-beams", type=int, default=4)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _gen_kwargs(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, strategy=a.strategy, num_beams=a.num_beams, top_k=a.top_k,
+                top_p=a.top_p, min_p=a.min_p, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
+                no_repeat_ngram_size=a.no_repeat_ngram_size, seed=a.seed, stop=a.stop)
+
+
+def _cmd_generate(a) -> int:
+    from lmforge import api
+    model, tok = api.load(a.model)
+    prompt = api.chat_prompt(tok, [{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    kw = {**_gen_kwargs(a), "truncate": a.truncate}
+    if a.stream:
+        for piece in api.generate_text(model, tok, prompt, stream=True, **kw):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(api.generate_text(model, tok, prompt, **kw))
+    return 0
+
+
+def _cmd_chat(a) -> int:
+    from lmforge import api
+    model, tok = api.load(a.model)
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    print("chat with the model; /reset clears the history, /quit or Ctrl-D leaves")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for piece in api.generate_text(model, tok, api.chat_prompt(tok, history), stream=True, **_gen_kwargs(a)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"override {p!r} is not key=value")
+        k, v = p.split("=", 1)
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def _cmd_finetune(a) -> int:
+    from lmforge.tasks.finetune import finetune
+    metrics = finetune(a.task, a.model, a.train, a.valid, out_dir=a.out, **_overrides(a.overrides))
+    _print_metrics(a.task, metrics)
+    print(f"saved to {a.out}")
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    from lmforge.tasks.finetune import predict_task
+    for row in predict_task(a.task, a.model, a.input, context=a.context, **_overrides(a.overrides)):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _cmd_serve(a) -> int:
+    from lmforge.serve import serve
+    serve(a.model, host=a.host, port=a.port)
+    return 0
 
 
 def _presets():
@@ -186,13 +312,72 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_search)
 
     s = sub.add_parser("eval", help="evaluate a model on a task's data and print a metrics table")
-    s.add_argument("--task", required=True, choices=["sts", "retrieval"])
+    s.add_argument("--task", required=True, choices=["classify", "qa", "seq2seq", "perplexity", "sts", "retrieval"])
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--limit", type=int, help="evaluate only the first N examples/queries")
     s.add_argument("--out", help="write the metrics as JSON")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="task options, e.g. num_beams=4 max_len=128")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("tokenizer", help="train a tokenizer: lmforge tokenizer train --kind bpe ...")
+    tsub = s.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("train", help="train BPE, WordPiece or Unigram on text files")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], required=True)
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--family", choices=["decoder", "encoder", "encoder-decoder", "t5", "bart"], default="decoder",
+                   help="which special tokens and template to add")
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--lowercase", action="store_true")
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=_cmd_tokenizer)
+
+    s = sub.add_parser("pretrain", help="self-supervised pretraining from a YAML recipe (the main job)")
+    s.add_argument("--config", help="recipe YAML (configs/*.yaml); default: built-in defaults")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    s.add_argument("--prompt", action="append", help="prompt for the sample continuations (repeatable)")
+    s.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample continuations")
+    s.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("generate", help="generate text (for encoder-decoders the prompt is the source)")
+    s.add_argument("model", help="model directory or .gguf file")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
+    _sampling_args(s)
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat with streaming output and history")
+    s.add_argument("model", help="model directory or .gguf file")
+    s.add_argument("--system", help="system message")
+    _sampling_args(s)
+    s.set_defaults(fn=_cmd_chat, max_new_tokens=256)
+
+    s = sub.add_parser("finetune", help="fine-tune on labelled data: classify, qa or seq2seq")
+    s.add_argument("--task", required=True, choices=["classify", "qa", "seq2seq"])
+    s.add_argument("--model", required=True, help="model directory, or preset:NAME for seq2seq from scratch")
+    s.add_argument("--train", required=True)
+    s.add_argument("--valid")
+    s.add_argument("--out", default="finetuned")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="options, e.g. lr=5e-5 epochs=1 lora=true")
+    s.set_defaults(fn=_cmd_finetune)
+
+    s = sub.add_parser("predict", help="run a fine-tuned model on new inputs (JSON lines out)")
+    s.add_argument("--task", required=True, choices=["classify", "qa", "seq2seq"])
+    s.add_argument("--model", required=True)
+    s.add_argument("--input", required=True, help="a text, or a file (.txt, .jsonl, .tsv/.csv, SQuAD .json)")
+    s.add_argument("--context", help="qa: the passage the question is about")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("serve", help="HTTP server: /v1/generate, /v1/chat/completions, /v1/embeddings")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(fn=_cmd_serve)
     return p
 
 
