@@ -63,7 +63,7 @@ def prompts(batch: int) -> torch.Tensor:
 
 def run_hf(model, ids, n, kw):
     sample = "top_k" in kw
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0,
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0,
                    do_sample=sample, top_k=kw.get("top_k"), num_beams=kw.get("num_beams", 1), top_p=None,
                    temperature=None, early_stopping=False, length_penalty=1.0, eos_token_id=None, pad_token_id=0)
 
@@ -71,12 +71,11 @@ def run_hf(model, ids, n, kw):
 def run_ours(model, ids, n, kw):
     from lmforge.generate import SamplingParams, generate
     if "top_k" in kw:
-        generate(model, ids, max_new_tokens=n, strategy="sample", sampling=SamplingParams(top_k=kw["top_k"]),
-                 eos_ids=[], seed=0)
-    elif "num_beams" in kw:
-        generate(model, ids, max_new_tokens=n, strategy="beam", num_beams=kw["num_beams"], eos_ids=[])
-    else:
-        generate(model, ids, max_new_tokens=n, eos_ids=[])
+        return generate(model, ids, max_new_tokens=n, strategy="sample", sampling=SamplingParams(top_k=kw["top_k"]),
+                        eos_ids=[], seed=0)
+    if "num_beams" in kw:
+        return generate(model, ids, max_new_tokens=n, strategy="beam", num_beams=kw["num_beams"], eos_ids=[])
+    return generate(model, ids, max_new_tokens=n, eos_ids=[])
 
 
 def best_time(fn, *args) -> float:
@@ -146,6 +145,10 @@ def main():
                         t_ours = min(t_ours, best_time(run_ours, ours, ids, a.new, kw))
                 n = batch * a.new
                 line = f"  {case:10s} {n / t_ours:14.1f} {n / t_hf:10.1f} {t_hf / t_ours:10.2f}x"
+                if "top_k" not in kw:  # deterministic cases: the same tokens as HF?
+                    theirs = run_hf(ref, ids, a.new, kw)[:, 1 if "t5" in name else PROMPT:]
+                    line += "  same tokens" if theirs.tolist() == run_ours(ours, ids, a.new, kw).tolist() \
+                        else "  TOKENS DIFFER"
                 if ct2 and case in ct2:
                     line += f" {n / ct2[case]:10.1f} {ct2[case] / t_ours:11.2f}x"
                 print(line, flush=True)

@@ -305,6 +305,12 @@ def test_bad_inputs_raise_clear_errors(pairs):
         kw = {"max_new_tokens": 10, **kw}
         with pytest.raises(ValueError, match=msg):
             generate(ours, **kw)
+    with pytest.raises(ValueError, match="empty prompt"):  # iterators check at the call
+        stream_tokens(ours, [], max_new_tokens=3)
+    with pytest.raises(ValueError, match="'greedy' or 'sample'"):
+        stream_tokens(ours, ok, max_new_tokens=3, strategy="beam")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        stream_text(ours, ByteBPE(), "hi", max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
     bad = SamplingParams()
@@ -326,3 +332,22 @@ def test_truncate_keeps_the_last_tokens(pairs):
     assert cut.tolist() == generate(ours, [long[-54:]], max_new_tokens=10).tolist()
     with pytest.raises(ValueError, match="truncate=True"):
         beam_search(ours, [long], max_new_tokens=10)
+
+
+def test_kv_cache_reorder_copies_the_written_positions():
+    from lmforge.nn.attention import KVCache
+    cache = KVCache(n_layers=2, batch=2, n_kv_heads=3, max_len=6, head_dim=4)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        cache.update(layer, torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g))
+        cache.cross[layer] = (torch.randn(2, 3, 5, 4, generator=g),) * 2
+    cache.pos = 4
+    want = [t[:, :, :4].clone() for t in cache.k + cache.v]
+    grow = torch.tensor([0, 0, 1, 1])
+    cache.reorder(grow)  # one prompt → its beams: new buffers
+    for idx in (torch.tensor([1, 0, 3, 3]), torch.tensor([2, 2, 0, 1])):  # beam steps: swapped buffers
+        cache.reorder(idx, cross=False)
+        grow = grow[idx]
+    for got, w in zip(cache.k + cache.v, want):
+        assert got.shape == (4, 3, 6, 4) and torch.equal(got[:, :, :4], w[grow])
+    assert cache.cross[0][0].shape[0] == 4  # cross k/v followed the first reorder only

@@ -172,12 +172,18 @@ class DecoderState:
             self.positions = self.positions + 1
         return self.model.logits(hidden)[:, 0].float()
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (B',): beam reordering, or repeating each prompt for its beams."""
-        self.cache.reorder(index)
-        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        self.memory, self.memory_mask = pick(self.memory), pick(self.memory_mask)
-        self.mask, self.positions = pick(self.mask), pick(self.positions)
+    def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
+        """Keep rows `index` (B',): repeat each prompt for its beams, or reorder beams.
+
+        same_source: row i and row index[i] come from the same prompt (beams of one prompt),
+        so everything that depends only on the prompt (encoder memory, cross-attention k/v,
+        padding, positions) stays and only the self-attention cache moves.
+        """
+        self.cache.reorder(index, cross=not same_source)
+        if not same_source:
+            pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+            self.memory, self.memory_mask = pick(self.memory), pick(self.memory_mask)
+            self.mask, self.positions = pick(self.mask), pick(self.positions)
 
 
 # ---- stop conditions ---------------------------------------------------------------------------
@@ -296,30 +302,36 @@ def _check_sampling(sampling: SamplingParams | None, do_sample: bool) -> Samplin
     return sampling.validate(sampling=do_sample)
 
 
-def stream_tokens(model, input_ids, attention_mask=None, *, max_new_tokens: int,
-                  sampling: SamplingParams | None = None, do_sample: bool = False,
-                  eos_ids: int | Sequence[int] | None = None, min_new_tokens: int = 0,
-                  seed: int | None = None, generator: torch.Generator | None = None,
+def stream_tokens(model, input_ids, attention_mask=None, *, max_new_tokens: int, strategy: str = "greedy",
+                  sampling: SamplingParams | None = None, eos_ids: int | Sequence[int] | None = None,
+                  min_new_tokens: int = 0, seed: int | None = None, generator: torch.Generator | None = None,
                   stop_strings: Sequence[str] = (), tokenizer=None, no_repeat_ngram_size: int = 0,
                   truncate: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, a (B,) tensor, once per step.
 
-    Greedy (argmax after the penalties) unless do_sample, which draws from the distribution
-    `sampling` shapes (temperature, top-k, top-p, min-p). A row ends on one of `eos_ids`
-    (default `model.cfg.eos_id`; the EOS token is yielded) or once its decoded text contains a
-    stop string; it then yields pad. Iteration stops when every row has ended or after
-    max_new_tokens steps. input_ids: (B, S) tensor (+ attention_mask), list of ids or lists.
+    strategy "greedy" takes the argmax after the penalties; "sample" draws from the
+    distribution `sampling` shapes (temperature, top-k, top-p, min-p). A row ends on one of
+    `eos_ids` (default `model.cfg.eos_id`; the EOS token is yielded) or once its decoded text
+    contains a stop string; it then yields pad. Iteration stops when every row has ended or
+    after max_new_tokens steps. Arguments are checked at the call, not at the first step.
     """
+    if strategy not in ("greedy", "sample"):
+        raise ValueError(f"stream_tokens streams strategy 'greedy' or 'sample', got {strategy!r}")
+    do_sample = strategy == "sample"
     eos_ids, stop, ngram, sampling, generator, ids, mask = _setup(
         model, input_ids, attention_mask, max_new_tokens, sampling, do_sample, eos_ids, min_new_tokens,
         seed, generator, stop_strings, tokenizer, no_repeat_ngram_size, truncate)
+    loop = _token_loop(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, do_sample=do_sample,
+                       eos_ids=eos_ids, min_new_tokens=min_new_tokens, generator=generator, stop=stop, ngram=ngram)
+    return _in_eval_mode(model, (tokens for tokens, _ in loop))
+
+
+def _in_eval_mode(model, steps: Iterator):
+    """Run a lazy decoding loop with the model in eval mode (no dropout), restoring its mode after."""
     was_training = model.training
-    model.eval()  # no dropout while generating; the mode is restored when the stream ends
+    model.eval()
     try:
-        for tokens, _ in _token_loop(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
-                                     do_sample=do_sample, eos_ids=eos_ids, min_new_tokens=min_new_tokens,
-                                     generator=generator, stop=stop, ngram=ngram):
-            yield tokens
+        yield from steps
     finally:
         model.train(was_training)
 
@@ -419,7 +431,7 @@ def _beam_loop(model, ids, mask, *, max_new_tokens, num_beams, length_penalty, e
         if not (bool(open_.any()) and not (bool(fin.all()) and early_stopping is True) and not bool(hits.all())):
             break
         beam_idx = (run_src + offset).view(-1)
-        state.reorder(beam_idx)
+        state.reorder(beam_idx, same_source=True)
         if penalised or stop:
             hist = hist.index_select(0, beam_idx)
             hist[:, P + t] = run_seq[:, :, t].reshape(-1)

@@ -64,15 +64,14 @@ def stream_text(model, tokenizer, prompt: str, *, max_new_tokens: int, strategy:
     tokenizer: anything with encode(text) -> list[int] and decode(ids) -> str. Ends on EOS
     (not part of the text), after max_new_tokens, or before the first stop string.
     """
-    if strategy not in ("greedy", "sample"):
-        raise ValueError(f"stream_text streams strategy 'greedy' or 'sample', got {strategy!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     eos = eos_ids if eos_ids is not None else model.cfg.eos_id
     eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    stream = stream_tokens(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens, sampling=sampling,
-                           do_sample=strategy == "sample", eos_ids=eos_ids, min_new_tokens=min_new_tokens,
-                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate)
+    stream = stream_tokens(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens, strategy=strategy,
+                           sampling=sampling, eos_ids=eos_ids, min_new_tokens=min_new_tokens, seed=seed,
+                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate)  # checks the arguments
+    StopStrings(tokenizer, stop_strings)  # rejects bad stop strings now, not at the first step
 
     def ids():
         for tokens in stream:
@@ -81,7 +80,9 @@ def stream_text(model, tokenizer, prompt: str, *, max_new_tokens: int, strategy:
                 return
             yield t
 
-    try:
-        yield from text_deltas(tokenizer, ids(), stop_strings)
-    finally:
-        stream.close()
+    def pieces():
+        try:
+            yield from text_deltas(tokenizer, ids(), stop_strings)
+        finally:
+            stream.close()
+    return pieces()

@@ -16,6 +16,10 @@ from lmforge.nn.attention import Attention, KVCache, additive_mask
 from lmforge.nn.layers import FeedForward, Linear, RelativeBias, Rotary, make_norm, sinusoidal_table
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     """Self-attention (+ cross-attention) + feed-forward, each in a residual branch.
 
@@ -33,9 +37,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def _residual(self, x, norm, f):
+        drop = self.drop if self.training else _identity  # no module call per branch when decoding
         if self.pre:
-            return x + self.drop(f(norm(x)))
-        return norm(x + self.drop(f(x)))
+            return x + drop(f(norm(x)))
+        return norm(x + drop(f(x)))
 
     def forward(self, x, mask=None, is_causal=False, rope=None, memory=None, memory_mask=None,
                 cache: KVCache | None = None, layer: int = 0):
@@ -107,7 +112,9 @@ class Stack(nn.Module):
         k_len = offset + T
         bias = self.rel_bias(T, k_len, offset) if self.rel_bias is not None else None
         simple_causal = self.causal and attention_mask is None and bias is None and offset == 0
-        mask = None if simple_causal else additive_mask(
+        # one new token with nothing padded sees every cached key: no mask at all
+        one_step = T == 1 and attention_mask is None and bias is None
+        mask = None if simple_causal or one_step else additive_mask(
             T, k_len, causal=self.causal, offset=offset, key_padding=attention_mask, bias=bias,
             dtype=x.dtype, device=x.device)
         mem_mask = None

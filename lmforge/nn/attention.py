@@ -33,6 +33,7 @@ class KVCache:
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.pos = 0  # number of positions already written
         self.max_len = max_len
+        self._spare: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see reorder
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -47,12 +48,29 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): row i becomes old row index[i]."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
-                      for c in self.cross]
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Select batch rows (beam search): row i becomes old row index[i].
+
+        When the batch size stays, only the positions written so far are copied, into a
+        second set of buffers that then swaps with the first: fresh full-size tensors every
+        beam step cost more (allocation, page faults) than the decoding step itself.
+        cross=False keeps the cross-attention k/v as they are (beams of one source share them).
+        """
+        if index.numel() == self.k[0].shape[0]:
+            if self._spare is None:
+                self._spare = [torch.empty_like(t) for t in self.k], [torch.empty_like(t) for t in self.v]
+            spare_k, spare_v = self._spare
+            for src, dst in zip(self.k + self.v, spare_k + spare_v):
+                torch.index_select(src[:, :, :self.pos], 0, index, out=dst[:, :, :self.pos])
+            self._spare = self.k, self.v
+            self.k, self.v = spare_k, spare_v
+        else:  # the batch grows or shrinks: new buffers
+            self.k = [t.index_select(0, index) for t in self.k]
+            self.v = [t.index_select(0, index) for t in self.v]
+            self._spare = None
+        if cross:
+            self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
+                          for c in self.cross]
 
 
 class Attention(nn.Module):
@@ -94,12 +112,12 @@ class Attention(nn.Module):
                     k, v = cache.update(layer, k, v)
         if rope is not None and self.cross:
             raise ValueError("rotary positions do not apply to cross-attention")
-        if self.n_kv != self.n_heads:  # GQA/MQA: each kv head serves n_heads/n_kv query heads
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA/MQA: each kv head serves n_heads/n_kv query heads; SDPA broadcasts them itself
+        # (no repeat_interleave copy of the whole KV cache at every decoding step)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)  # (B, H, T, hd)
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
