@@ -7,7 +7,6 @@ It reuses the same generation functions as the CLI and the Python API. Requests 
 served one at a time (a lock around the model): CPU inference is compute bound.
 """
 
-from __future__ import annotations
 
 import json
 import threading
