@@ -312,9 +312,11 @@ def evaluate_task(task: str, model_dir: str | Path, data_file, **options) -> dic
 
 @torch.no_grad()
 def perplexity(model_dir: str | Path, data_file, block_size: int | str = 512, batch_size: int | str = 8,
-               limit: int | str | None = None) -> dict[str, float]:
+               limit: int | str | None = None, **unknown) -> dict[str, float]:
     """Perplexity of a decoder LM on a text corpus: the token stream cut into blocks of
-    block_size (each token predicted from the previous ones of its block)."""
+    block_size (each token predicted from the previous ones of its block); `limit` tokens at most."""
+    if unknown:
+        raise ValueError(f"unknown perplexity option(s) {sorted(unknown)}; known: block_size, batch_size, limit")
     from lmforge.data.corpus import read_texts
     from lmforge.evaluate import perplexity as ppl
     block_size, batch_size = int(block_size), int(batch_size)
