@@ -48,3 +48,22 @@ def test_next_token_logits_match_transformers(ours, reference):
         with torch.no_grad():
             diff = (model(x)[0, -1] - ref(x).logits[0, -1]).abs().max().item()
         assert diff <= 1e-3, p
+
+
+def test_greedy_continuation_matches_transformers(ours, reference):
+    from lmforge.generate import generate
+    model, tok = ours
+    ref, _ = reference
+    ids = tok.encode(PROMPTS[0])
+    out = generate(model, [ids], max_new_tokens=64, min_new_tokens=64, strategy="greedy")
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                            pad_token_id=0)[0, len(ids):]
+    assert out.tolist()[0] == want.tolist()
+
+
+def test_chat_answers_a_factual_question(ours):
+    model, tok = ours
+    prompt = lmforge.api.chat_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    answer = lmforge.api.generate_text(model, tok, prompt, max_new_tokens=32)
+    assert "Paris" in answer
