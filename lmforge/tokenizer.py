@@ -274,15 +274,21 @@ def train_tokenizer_from_iterator(texts: Iterable[str], kind: str, vocab_size: i
     """Like `train_tokenizer`, on an iterable of in-memory strings."""
     hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase,
                                                          n_sentinels)
-    seen = [False]
+    seen, failure = [False], []
 
     def counted() -> Iterator[str]:
-        for t in texts:
-            seen[0] |= bool(t.strip())
-            yield t
+        try:
+            for t in texts:
+                seen[0] |= bool(t.strip())
+                yield t
+        except Exception as e:  # the source's own error (missing file, bad UTF-8) is the one to report
+            failure.append(e)
+            raise
     try:
         hf.train_from_iterator(counted(), trainer)
     except Exception as e:
+        if failure:
+            raise failure[0] from None
         if not seen[0]:
             raise ValueError("texts is empty: nothing to train on") from e
         raise ValueError(f"training a {kind} tokenizer with vocab_size={vocab_size} failed: {e}") from e
