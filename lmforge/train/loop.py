@@ -168,8 +168,9 @@ class _Counted:
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max_batches: int = 0,
              device: torch.device | str = "cpu", dtype: str = "float32") -> dict[str, float]:
-    """Mean of the objective's metrics over validation batches (each batch weighs the same),
-    named valid_<metric>, plus valid_perplexity = exp(valid_nll)."""
+    """Mean of the objective's metrics over validation batches, each batch weighted by its
+    number of targets (labels != -100; else its rows), named valid_<metric>, plus
+    valid_perplexity = exp(valid_nll)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -179,9 +180,12 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
             break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             _, metrics = objective(model, _to(batch, device))
+        labels = batch.get("labels")
+        w = float((labels != -100).sum()) if labels is not None and labels.dim() == 2 \
+            else float(batch["input_ids"].shape[0])
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+        n += w
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: no validation batches")
