@@ -124,6 +124,7 @@ def main():
     import transformers as T
 
     from lmforge.interop.hf import load_hf
+    T.logging.set_verbosity_error()
     print(f"threads={a.threads} prompt={PROMPT} new_tokens={a.new} repeats={a.repeats} "
           f"torch={torch.__version__} transformers={T.__version__}")
     with tempfile.TemporaryDirectory() as root:
@@ -145,12 +146,13 @@ def main():
                         t_ours = min(t_ours, best_time(run_ours, ours, ids, a.new, kw))
                 n = batch * a.new
                 line = f"  {case:10s} {n / t_ours:14.1f} {n / t_hf:10.1f} {t_hf / t_ours:10.2f}x"
-                if "top_k" not in kw:  # deterministic cases: the same tokens as HF?
-                    theirs = run_hf(ref, ids, a.new, kw)[:, 1 if "t5" in name else PROMPT:]
-                    line += "  same tokens" if theirs.tolist() == run_ours(ours, ids, a.new, kw).tolist() \
-                        else "  TOKENS DIFFER"
                 if ct2 and case in ct2:
                     line += f" {n / ct2[case]:10.1f} {ct2[case] / t_ours:11.2f}x"
+                if "top_k" not in kw:  # deterministic cases: the same tokens as HF?
+                    with torch.inference_mode():
+                        theirs = run_hf(ref, ids, a.new, kw)[:, 1 if "t5" in name else PROMPT:]
+                        same = theirs.tolist() == run_ours(ours, ids, a.new, kw).tolist()
+                    line += "   same tokens as HF" if same else "   TOKENS DIFFER FROM HF"
                 print(line, flush=True)
 
 
