@@ -156,6 +156,13 @@ def _cmd_pretrain(a) -> int:
     for k in ("steps", "train_loss", "valid_loss", "valid_perplexity", "tokens_per_s"):
         if k in m:
             print(f"{k:18}{m[k]:.4g}" if isinstance(m[k], float) else f"{k:18}{m[k]}")
+    records = [json.loads(line) for line in Path(result["log"]).read_text().splitlines() if line.strip()]
+    train = [r["loss"] for r in records if "loss" in r]
+    valid = [r["valid_loss"] for r in records if "valid_loss" in r]
+    if train:
+        print(f"train loss        {train[0]:.3f} (first log) -> {train[-1]:.3f} (last)")
+    if valid:
+        print(f"validation loss   {valid[0]:.3f} (first eval) -> {valid[-1]:.3f} (last)")
     print(f"saved model and tokenizer to {result['model_dir']}; loss plot {result['plot']}; log {result['log']}")
     model, tok = api.load(result["model_dir"])
     if model.cfg.task == "lm" and model.cfg.family == "decoder" and a.samples:
