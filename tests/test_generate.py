@@ -75,13 +75,13 @@ def eos_from_output(model, ids, mask, k=2):
 def test_greedy_matches_hf(pairs, arch):
     ref, ours = pairs(arch)
     ids, mask = prompts(ours)
-    for eos in ([ours.cfg.eos_id], eos_from_output(ours, ids, mask, 1)):
-        for min_new in (0, 5):
-            out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=min_new,
-                               do_sample=False, num_beams=1, eos_token_id=eos)
-            got = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos, min_new_tokens=min_new)
-            assert got.tolist() == hf_new_tokens(ref, out, ids, eos)
-            assert all(n >= min_new for n in got.lengths.tolist())
+    early = eos_from_output(ours, ids, mask, 1)  # an EOS id the rows reach
+    for eos, min_new in (([ours.cfg.eos_id], 0), (early, 0), (early, 5)):
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=min_new,
+                           do_sample=False, num_beams=1, eos_token_id=eos)
+        got = generate(ours, ids, mask, max_new_tokens=NEW, eos_ids=eos, min_new_tokens=min_new)
+        assert got.tolist() == hf_new_tokens(ref, out, ids, eos)
+        assert all(n >= min_new for n in got.lengths.tolist())
 
 
 def test_greedy_penalties_match_hf(pairs):
