@@ -82,3 +82,11 @@ def test_server_generate_and_embeddings(pretrained):
     assert c.status_code == 200 and c.json()["choices"][0]["message"]["role"] == "assistant"
     e = client.post("/v1/embeddings", json={"input": ["a", "b"]})
     assert len(e.json()["data"]) == 2
+
+
+def test_chat_repl_keeps_history(pretrained, monkeypatch, capsys):
+    lines = iter(["hello", "/reset", "again", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(pretrained / "model"), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("chat with the model")
