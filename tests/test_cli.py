@@ -85,8 +85,17 @@ def test_server_generate_and_embeddings(pretrained):
 
 
 def test_chat_repl_keeps_history(pretrained, monkeypatch, capsys):
-    lines = iter(["hello", "/reset", "again", "/quit"])
+    from lmforge import api
+    lines = iter(["hello", "how are you", "/reset", "again", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    prompts = []
+
+    def fake(model, tok, prompt, stream=False, **kw):
+        prompts.append(prompt)
+        return iter(["fine", "!"])
+    monkeypatch.setattr(api, "generate_text", fake)
     assert main(["chat", str(pretrained / "model"), "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("chat with the model")
+    assert len(prompts) == 3
+    assert "hello" in prompts[1] and "fine!" in prompts[1] and "how are you" in prompts[1]  # history kept
+    assert "hello" not in prompts[2] and "again" in prompts[2]  # /reset cleared it
+    assert capsys.readouterr().out.count("fine!") == 3
