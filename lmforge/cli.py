@@ -38,25 +38,8 @@ def _cmd_info(a) -> int:
 
 
 def _read_lines(path: str) -> list[str]:
-    """One text per line (.txt) or a JSONL file with a "text" field; empty lines are an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found")
-    texts = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                raise ValueError(f"{p}:{n}: empty line")
-            if p.suffix == ".jsonl":
-                try:
-                    line = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
-            texts.append(line)
-    if not texts:
-        raise ValueError(f"{p} is empty")
-    return texts
+    from lmforge.data.corpus import read_lines
+    return read_lines(path)
 
 
 def _cmd_embed(a) -> int:

@@ -311,3 +311,28 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> t
         ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def read_lines(path: str | Path, skip_empty: bool = False) -> list[str]:
+    """One text per line (.txt) or per JSON object with a "text" field (.jsonl). An empty line is
+    an error naming file and line unless skip_empty; an empty file is always an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    texts = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                if skip_empty:
+                    continue
+                raise ValueError(f"{p}:{n}: empty line")
+            if p.suffix == ".jsonl":
+                try:
+                    line = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
+            texts.append(line)
+    if not texts:
+        raise ValueError(f"{p} is empty")
+    return texts

@@ -351,21 +351,8 @@ def _texts(inputs) -> list[str]:
         return [str(x) for x in inputs]
     p = Path(str(inputs))
     if len(str(inputs)) < 4096 and p.is_file():
-        texts = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if p.suffix == ".jsonl":
-                    try:
-                        line = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
-                texts.append(line)
-        if not texts:
-            raise ValueError(f"{p}: no texts")
-        return texts
+        from lmforge.data.corpus import read_lines
+        return read_lines(p, skip_empty=True)
     return [str(inputs)]
 
 
