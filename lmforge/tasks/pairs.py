@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from lmforge.data.corpus import pad_batch
 from lmforge.tasks.sts import ScoredPair, eval_sts, read_sts
 
-LOSSES = {"contrastive": None, "cosine": None}  # filled below
-
 
 def positive_pairs(pairs: Sequence[ScoredPair], min_score: float = 4.0) -> list[ScoredPair]:
     """Pairs similar enough to serve as (anchor, positive) for contrastive training."""
@@ -90,7 +88,7 @@ def cosine_regression(model, batch):
     return loss, {"loss": loss.detach()}
 
 
-LOSSES.update(contrastive=contrastive, cosine=cosine_regression)
+LOSSES = {"contrastive": contrastive, "cosine": cosine_regression}
 
 
 def train_embeddings(model_dir: str | Path, train_file: str | Path, out_dir: str | Path,
