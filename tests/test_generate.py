@@ -342,12 +342,12 @@ def test_kv_cache_reorder_copies_the_written_positions():
         cache.update(layer, torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g))
         cache.cross[layer] = (torch.randn(2, 3, 5, 4, generator=g),) * 2
     cache.pos = 4
-    want = [t[:, :, :4].clone() for t in cache.k + cache.v]
+    want = [t[:, :, :, :4].clone() for t in cache.kv]
     grow = torch.tensor([0, 0, 1, 1])
     cache.reorder(grow)  # one prompt → its beams: new buffers
     for idx in (torch.tensor([1, 0, 3, 3]), torch.tensor([2, 2, 0, 1])):  # beam steps: swapped buffers
         cache.reorder(idx, cross=False)
         grow = grow[idx]
-    for got, w in zip(cache.k + cache.v, want):
-        assert got.shape == (4, 3, 6, 4) and torch.equal(got[:, :, :4], w[grow])
+    for got, w in zip(cache.kv, want):
+        assert got.shape == (2, 4, 3, 6, 4) and torch.equal(got[:, :, :, :4], w[:, grow])
     assert cache.cross[0][0].shape[0] == 4  # cross k/v followed the first reorder only

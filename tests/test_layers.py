@@ -42,3 +42,35 @@ def test_relative_buckets_match_t5():
         ref = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32,
                                                     max_distance=128)
         assert torch.equal(ours, ref)
+
+
+def test_relative_bias_table_slices_equal_forward():
+    torch.manual_seed(0)
+    rb = RelativeBias(32, 128, 4, bidirectional=False)
+    torch.nn.init.normal_(rb.weight)
+    table = rb.table(40)
+    for q_len, offset in ((1, 0), (1, 17), (1, 39), (5, 0), (3, 20)):
+        k_len = offset + q_len
+        assert torch.equal(RelativeBias.from_table(table, q_len, k_len, offset), rb(q_len, k_len, offset))
+
+
+def test_row_blocks_match_f_linear_and_follow_weight_updates():
+    from lmforge.nn.layers import RowBlocks
+    torch.manual_seed(0)
+    w, b = torch.randn(12, 16), torch.randn(12)
+    w2, b2 = torch.randn(4, 16), torch.randn(4)
+    blocks = RowBlocks(max_elements=4 * 16 * 16)
+    with torch.no_grad():
+        for shape in ((1, 1, 16), (3, 16), (2, 2, 16)):
+            x = torch.randn(*shape)
+            with blocks:
+                y = fast_linear(x, w, b)
+                both = blocks.linear(x, (w, w2), (b, b2))  # [W; W2] stacked: one product
+            assert y.shape == (*shape[:-1], 12) and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+            assert torch.allclose(both, torch.cat([F.linear(x, w, b), F.linear(x, w2, b2)], -1), atol=1e-5)
+        x = torch.randn(1, 16)
+        with blocks:
+            w.mul_(2)  # an in-place update (an optimizer step) makes the blocks anew
+            assert torch.allclose(fast_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
+            assert blocks.linear(torch.randn(6, 16), (w,), (b,)) is None  # 6 * 12 * 16 > max_elements
+        assert RowBlocks.active() is None  # only inside `with`

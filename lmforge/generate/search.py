@@ -27,6 +27,7 @@ from lmforge.generate.filters import (
     sample_next,
 )
 from lmforge.nn.attention import KVCache
+from lmforge.nn.layers import RowBlocks
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -125,6 +126,7 @@ class DecoderState:
 
     def __init__(self, model, cache: KVCache, memory=None, memory_mask=None, mask=None, positions=None):
         self.model, self.cache = model, cache
+        self.blocks = RowBlocks.of(model)  # small weights laid out for GEMMs of a few rows
         self.memory, self.memory_mask = memory, memory_mask  # (B, S, d), (B, S) or None
         self.mask = mask  # (B, prompt + max_new) 1 for real tokens, or None when unpadded
         self.positions = positions  # (B, 1) position of the next token, or None when unpadded
@@ -157,20 +159,23 @@ class DecoderState:
             mask[:, :S] = attention_mask
             positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, S)
             state = cls(model, cache, mask=mask, positions=positions[:, -1:] + 1)
-        hidden = bb.decode(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
-        return state, model.logits(hidden[:, -1:])[:, 0].float()
+        with state.blocks:
+            hidden = bb.decode(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
+            return state, model.logits(hidden[:, -1:])[:, 0].float()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
         cache, mask = self.cache, self.mask
-        hidden = self.model.backbone.decode(
-            tokens.view(-1, 1), memory=self.memory, memory_mask=self.memory_mask,
-            attention_mask=None if mask is None else mask[:, :cache.pos + 1],
-            position_ids=self.positions, cache=cache)  # (B, 1, d)
+        with self.blocks:
+            hidden = self.model.backbone.decode(
+                tokens.view(-1, 1), memory=self.memory, memory_mask=self.memory_mask,
+                attention_mask=None if mask is None else mask[:, :cache.pos + 1],
+                position_ids=self.positions, cache=cache)  # (B, 1, d)
+            logits = self.model.logits(hidden)[:, 0].float()
         if self.positions is not None:
             self.positions = self.positions + 1
-        return self.model.logits(hidden)[:, 0].float()
+        return logits
 
     def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Keep rows `index` (B',): repeat each prompt for its beams, or reorder beams.
@@ -268,6 +273,7 @@ def _token_loop(model, input_ids, attention_mask, *, max_new_tokens, sampling, d
     hist, P = _history(model, input_ids, attention_mask, max_new_tokens) if penalised or stop else (None, 0)
     params = dataclasses.replace(sampling, no_repeat_ngram_size=ngram)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    can_end = bool(eos_ids) or bool(stop)  # else every row runs to max_new_tokens: no bookkeeping
     for t in range(max_new_tokens):
         with torch.inference_mode():
             if eos_ids and t < min_new_tokens:
@@ -277,15 +283,17 @@ def _token_loop(model, input_ids, attention_mask, *, max_new_tokens, sampling, d
                 tokens = sample_next(params.process(logits, h if h is not None else _no_history(logits)), generator)
             else:
                 tokens = (_penalties(logits, h, params, ngram) if penalised else logits).argmax(-1)
-            tokens = tokens.masked_fill(done, pad)  # finished rows emit pad
+            if can_end:
+                tokens = tokens.masked_fill(done, pad)  # finished rows emit pad
             if hist is not None:
                 hist[:, P + t] = tokens
-            ended = torch.isin(tokens, eos) if eos_ids else torch.zeros_like(done)
-            if stop:
-                ended |= stop.hits(hist[:, P:P + t + 1]) & ~done
-            done = done | ended
+            if can_end:
+                ended = torch.isin(tokens, eos) if eos_ids else torch.zeros_like(done)
+                if stop:
+                    ended |= stop.hits(hist[:, P:P + t + 1]) & ~done
+                done = done | ended
         yield tokens, done
-        if bool(done.all()) or t + 1 == max_new_tokens:
+        if t + 1 == max_new_tokens or (can_end and bool(done.all())):
             return
         logits = state.step(tokens)
 
@@ -551,9 +559,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, stra
 
 def _collect(model, ids, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the token loop to the end: (sequences (B, T), lengths (B,))."""
-    steps, lengths = [], torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-    for t, (tokens, done) in enumerate(_token_loop(model, ids, mask, **kw)):
+    steps, dones = [], []
+    for tokens, done in _token_loop(model, ids, mask, **kw):
         steps.append(tokens)
-        lengths = torch.where(done & (lengths == 0), t + 1, lengths)
-    T = len(steps)
-    return torch.stack(steps, 1), torch.where(lengths == 0, T, lengths)
+        dones.append(done)
+    done = torch.stack(dones, 1)  # (B, T): has the row ended at or before step t?
+    T = done.shape[1]
+    return torch.stack(steps, 1), torch.where(done.any(1), done.int().argmax(1) + 1, T)

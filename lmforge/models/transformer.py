@@ -95,28 +95,44 @@ class Stack(nn.Module):
         offset = cache.pos if cache is not None else 0
         if offset + T > self.cfg.max_len and self.rope is None and self.rel_bias is None:
             raise ValueError(f"sequence of {offset + T} positions exceeds the model's max_len={self.cfg.max_len}")
-        if position_ids is None:
-            position_ids = torch.arange(offset, offset + T, device=x.device)[None].expand(B, T)
-        x = x * self.embed_scale
-        if self.positions is not None:
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if position_ids is None and (self.positions is not None or hasattr(self, "sinusoid")):
+            # the same positions for every row: a slice of the table, broadcast over the batch
+            table = self.positions.weight if self.positions is not None else self.sinusoid
+            start = offset + (self.cfg.pos_offset if self.positions is not None else 0)
+            x = x + table[start:start + T].to(x.dtype)
+        elif self.positions is not None:
             x = x + self.positions(position_ids + self.cfg.pos_offset)
-        elif self.rel_bias is None and self.rope is None and hasattr(self, "sinusoid"):
+        elif hasattr(self, "sinusoid"):
             x = x + self.sinusoid[position_ids].to(x.dtype)
+        if position_ids is None and (self.types is not None or self.rope is not None):
+            position_ids = torch.arange(offset, offset + T, device=x.device)[None].expand(B, T)
         if self.types is not None:
             tt = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
             x = x + self.types(tt)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
 
         k_len = offset + T
-        bias = self.rel_bias(T, k_len, offset) if self.rel_bias is not None else None
+        bias = None
+        if self.rel_bias is not None:
+            if cache is None:
+                bias = self.rel_bias(T, k_len, offset)
+            else:  # decoding: slices of one table over every distance, computed once per generation
+                if cache.rel_bias is None:
+                    cache.rel_bias = self.rel_bias.table(cache.max_len)
+                bias = self.rel_bias.from_table(cache.rel_bias, T, k_len, offset)
         simple_causal = self.causal and attention_mask is None and bias is None and offset == 0
-        # one new token with nothing padded sees every cached key: no mask at all
-        one_step = T == 1 and attention_mask is None and bias is None
-        mask = None if simple_causal or one_step else additive_mask(
-            T, k_len, causal=self.causal, offset=offset, key_padding=attention_mask, bias=bias,
-            dtype=x.dtype, device=x.device)
+        if T == 1 and attention_mask is None:  # one new token, nothing padded: it sees every key
+            mask = None if bias is None else bias.to(x.dtype)
+        elif simple_causal:
+            mask = None
+        else:
+            mask = additive_mask(T, k_len, causal=self.causal, offset=offset, key_padding=attention_mask,
+                                 bias=bias, dtype=x.dtype, device=x.device)
         mem_mask = None
         if memory is not None and memory_mask is not None:
             mem_mask = additive_mask(T, memory.shape[1], causal=False, key_padding=memory_mask,

@@ -15,38 +15,51 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.nn.layers import Linear, apply_rotary
+from lmforge.nn.layers import Linear, RowBlocks, apply_rotary
 
 
 class KVCache:
     """Preallocated keys/values for every decoder layer, written at the current position.
 
-    Self-attention: k/v of shape (B, KV, max_len, hd), filled up to `pos`.
-    Cross-attention: k/v of the encoder memory, computed once at the first step.
+    Self-attention: `kv[layer]` of shape (2, B, KV, max_len, hd), keys then values, filled
+    up to `pos`. Cross-attention: k/v of the encoder memory, computed once at the first step.
+    A cache lives for one generation, so it also keeps the relative position bias table
+    decoding slices at every step (`rel_bias`, T5).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.kv = [torch.zeros(2, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.rel_bias: torch.Tensor | None = None
         self.pos = 0  # number of positions already written
         self.max_len = max_len
-        self._spare: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see reorder
+        self._spare: list[torch.Tensor] | None = None  # see reorder
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         return cls(cfg.n_decoder_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, hd) at [pos, pos+T) and return everything up to pos+T."""
-        end = self.pos + k.shape[2]
+    @property
+    def batch(self) -> int:
+        return self.kv[0].shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, hd) at [pos, pos+T) and return everything up to pos+T.
+
+        With v=None, k holds both: (2, B, KV, T, hd), written in one copy."""
+        T = k.shape[-2]
+        end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        kv = self.kv[layer]
+        if v is None:
+            kv[:, :, :, self.pos:end] = k
+        else:
+            kv[0, :, :, self.pos:end] = k
+            kv[1, :, :, self.pos:end] = v
+        return kv[0, :, :, :end], kv[1, :, :, :end]
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Select batch rows (beam search): row i becomes old row index[i].
@@ -56,17 +69,14 @@ class KVCache:
         beam step cost more (allocation, page faults) than the decoding step itself.
         cross=False keeps the cross-attention k/v as they are (beams of one source share them).
         """
-        if index.numel() == self.k[0].shape[0]:
+        if index.numel() == self.batch:
             if self._spare is None:
-                self._spare = [torch.empty_like(t) for t in self.k], [torch.empty_like(t) for t in self.v]
-            spare_k, spare_v = self._spare
-            for src, dst in zip(self.k + self.v, spare_k + spare_v):
-                torch.index_select(src[:, :, :self.pos], 0, index, out=dst[:, :, :self.pos])
-            self._spare = self.k, self.v
-            self.k, self.v = spare_k, spare_v
+                self._spare = [torch.empty_like(t) for t in self.kv]
+            for src, dst in zip(self.kv, self._spare):
+                torch.index_select(src[..., :self.pos, :], 1, index, out=dst[..., :self.pos, :])
+            self.kv, self._spare = self._spare, self.kv
         else:  # the batch grows or shrinks: new buffers
-            self.k = [t.index_select(0, index) for t in self.k]
-            self.v = [t.index_select(0, index) for t in self.v]
+            self.kv = [t.index_select(1, index) for t in self.kv]
             self._spare = None
         if cross:
             self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
@@ -90,6 +100,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.hd).transpose(1, 2)  # (B, n, T, hd)
 
+    def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [W_q; W_k; W_v]^T (+ biases) as one product while decoding (RowBlocks active), or
+        None (too large, projections that are not plain `Linear`s such as LoRA, gradients)."""
+        blocks = RowBlocks.active()
+        parts = (self.q, self.k, self.v)
+        if blocks is None or torch.is_grad_enabled() or any(type(m) is not Linear for m in parts):
+            return None
+        return blocks.linear(x, tuple(m.weight for m in parts), tuple(m.bias for m in parts))
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -97,21 +116,32 @@ class Attention(nn.Module):
         """x (B, T, d); memory (B, S, d) for cross-attention; mask additive, broadcastable
         to (B, H, T, S_k). Returns (B, T, d)."""
         B, T, _ = x.shape
-        q = self._heads(self.q(x), self.n_heads)
-        if self.cross and cache is not None and cache.cross[layer] is not None:
-            k, v = cache.cross[layer]  # encoder memory projected once
-        else:
-            src = memory if self.cross else x
-            k, v = self._heads(self.k(src), self.n_kv), self._heads(self.v(src), self.n_kv)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            if cache is not None:
-                if self.cross:
-                    cache.cross[layer] = (k, v)
-                else:
-                    k, v = cache.update(layer, k, v)
         if rope is not None and self.cross:
             raise ValueError("rotary positions do not apply to cross-attention")
+        y = None if self.cross or cache is None else self._fused_qkv(x)
+        if y is not None:  # decoding: one GEMM, k and v written to the cache in one copy
+            inner = self.n_heads * self.hd
+            q = y[..., :inner].view(B, T, self.n_heads, self.hd).transpose(1, 2)
+            kv = y[..., inner:].view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)  # (2, B, KV, T, hd)
+            if rope is None:
+                k, v = cache.update(layer, kv)
+            else:
+                q, k = apply_rotary(q, *rope), apply_rotary(kv[0], *rope)
+                k, v = cache.update(layer, k, kv[1])
+        else:
+            q = self._heads(self.q(x), self.n_heads)
+            if self.cross and cache is not None and cache.cross[layer] is not None:
+                k, v = cache.cross[layer]  # encoder memory projected once
+            else:
+                src = memory if self.cross else x
+                k, v = self._heads(self.k(src), self.n_kv), self._heads(self.v(src), self.n_kv)
+                if rope is not None:
+                    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+                if cache is not None:
+                    if self.cross:
+                        cache.cross[layer] = (k, v)
+                    else:
+                        k, v = cache.update(layer, k, v)
         # GQA/MQA: each kv head serves n_heads/n_kv query heads; SDPA broadcasts them itself
         # (no repeat_interleave copy of the whole KV cache at every decoding step)
         y = F.scaled_dot_product_attention(

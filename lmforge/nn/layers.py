@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,80 @@ def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
         return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _DNNLinear.apply(x, w, b)
+    blocks = getattr(_ACTIVE, "blocks", None)
+    if blocks is not None:
+        y = blocks.linear(x, (w,), (b,))
+        if y is not None:
+            return y
     return _dnn(x, w, b)
+
+
+_ACTIVE = threading.local()  # the RowBlocks of the decoding step running in this thread, if any
+# products of rows x W with rows * W.numel() up to this go through RowBlocks (0: never)
+_ROW_BLOCKS_MAX = int(os.environ.get("LMFORGE_ROW_BLOCKS", 1 << 21))
+
+
+class RowBlocks:
+    """Small weights laid out for GEMMs of a few rows (decoding: one token per sequence).
+
+    oneDNN spends ~11 µs setting up each call, more than a 256x256 product of one row takes.
+    Here a weight W (out, in), or several stacked ([W_q; W_k; W_v]: one product instead of
+    three), is copied once into P column blocks of W^T, (P, in, out/P), and y = x W^T + b
+    runs as one batched MKL GEMM over the blocks (P = threads, a block each). `fast_linear`
+    uses it for products of rows * W.numel() <= LMFORGE_ROW_BLOCKS (default 2^21 elements)
+    while it is active (`with blocks:`, in each decoding step). A model keeps its blocks
+    (`RowBlocks.of`): one extra copy of its small weights, remade after an in-place update.
+    Values differ from oneDNN's in the last bits only (another summation order).
+    """
+
+    def __init__(self, max_elements: int = _ROW_BLOCKS_MAX):
+        self.max_elements, self.parts = max_elements, torch.get_num_threads()
+        self._blocks: dict[tuple[int, ...], tuple] = {}
+
+    @staticmethod
+    def of(model: nn.Module) -> RowBlocks:
+        """The blocks kept with `model` (made on first use)."""
+        blocks = model.__dict__.get("_row_blocks")
+        if blocks is None:
+            blocks = model.__dict__["_row_blocks"] = RowBlocks()
+        return blocks
+
+    @staticmethod
+    def active() -> RowBlocks | None:
+        return getattr(_ACTIVE, "blocks", None)
+
+    def __enter__(self) -> RowBlocks:
+        if not hasattr(_ACTIVE, "outer"):
+            _ACTIVE.outer = []
+        _ACTIVE.outer.append(RowBlocks.active())
+        _ACTIVE.blocks = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.blocks = _ACTIVE.outer.pop()
+
+    def linear(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...],
+               bs: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
+        """x [W_1; W_2; ...]^T + [b_1; b_2; ...], or None when the product is too large here."""
+        inp = x.shape[-1]
+        out = sum(w.shape[0] for w in ws)
+        rows = x.numel() // inp
+        if rows * out * inp > self.max_elements:
+            return None
+        key = tuple(id(w) for w in ws)
+        versions = tuple(0 if t is None or t.is_inference() else t._version for t in ws + bs)
+        entry = self._blocks.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], ws + bs)) or entry[1] != versions:
+            P = self.parts if out % self.parts == 0 else 1
+            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
+            wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
+            bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
+            entry = self._blocks[key] = (ws + bs, versions, wb, bb)
+        wb, bb = entry[2], entry[3]
+        x3 = x.reshape(1, rows, inp).expand(wb.shape[0], rows, inp)
+        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
+        y = y.view(rows, out) if rows == 1 else y.transpose(0, 1).reshape(rows, out)
+        return y.view(*x.shape[:-1], out)
 
 
 class Linear(nn.Linear):
@@ -70,6 +144,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same values
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -166,6 +242,22 @@ class RelativeBias(nn.Module):
                        * (n - exact)).long()
         far = far.clamp(max=n - 1)
         return out + torch.where(dist < exact, dist, far)
+
+    def table(self, n: int) -> torch.Tensor:
+        """(H, 2n-1) bias of every relative distance -(n-1)..n-1 (column n-1+rel)."""
+        rel = torch.arange(-(n - 1), n, device=self.weight.device)
+        return F.embedding(self.bucket(rel), self.weight).t().contiguous()
+
+    @staticmethod
+    def from_table(table: torch.Tensor, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        """The (1, H, q_len, k_len) bias of `forward`, cut from `table(n)` (offset + q_len <= n)."""
+        n = (table.shape[1] + 1) // 2
+        if q_len == 1:  # one query row: a slice, no gather
+            start = n - 1 - offset
+            return table[None, :, None, start:start + k_len]
+        rel = torch.arange(k_len, device=table.device)[None, :] - torch.arange(offset, offset + q_len,
+                                                                               device=table.device)[:, None]
+        return table[:, rel + n - 1][None]
 
     def forward(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
         """→ (1, H, q_len, k_len) additive bias; queries sit at offset..offset+q_len-1."""
