@@ -57,7 +57,8 @@ def test_relative_bias_table_slices_equal_forward():
 def test_row_blocks_match_f_linear_and_follow_weight_updates():
     from lmforge.nn.layers import RowBlocks
     torch.manual_seed(0)
-    w, b = torch.randn(12, 16), torch.randn(12)
+    model = torch.nn.Linear(16, 12)
+    w, b = model.weight, model.bias
     w2, b2 = torch.randn(4, 16), torch.randn(4)
     blocks = RowBlocks(max_elements=4 * 16 * 16)
     with torch.no_grad():
@@ -68,9 +69,13 @@ def test_row_blocks_match_f_linear_and_follow_weight_updates():
                 both = blocks.linear(x, (w, w2), (b, b2))  # [W; W2] stacked: one product
             assert y.shape == (*shape[:-1], 12) and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
             assert torch.allclose(both, torch.cat([F.linear(x, w, b), F.linear(x, w2, b2)], -1), atol=1e-5)
+        assert blocks.linear(torch.randn(6, 16), (w,), (b,)) is None  # 6 * 12 * 16 > max_elements
+        big = torch.randn(80, 16)
+        assert blocks.linear(torch.randn(1, 16), (big,), (None,)) is None  # too large even for one row
         x = torch.randn(1, 16)
+        model.__dict__["_row_blocks"] = blocks
+        w.mul_(2)  # an in-place update (an optimizer step): the next generation makes new blocks
+        assert RowBlocks.of(model) is blocks
         with blocks:
-            w.mul_(2)  # an in-place update (an optimizer step) makes the blocks anew
             assert torch.allclose(fast_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
-            assert blocks.linear(torch.randn(6, 16), (w,), (b,)) is None  # 6 * 12 * 16 > max_elements
         assert RowBlocks.active() is None  # only inside `with`

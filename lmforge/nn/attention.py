@@ -104,10 +104,12 @@ class Attention(nn.Module):
         """x [W_q; W_k; W_v]^T (+ biases) as one product while decoding (RowBlocks active), or
         None (too large, projections that are not plain `Linear`s such as LoRA, gradients)."""
         blocks = RowBlocks.active()
-        parts = (self.q, self.k, self.v)
-        if blocks is None or torch.is_grad_enabled() or any(type(m) is not Linear for m in parts):
+        if blocks is None or torch.is_grad_enabled():
             return None
-        return blocks.linear(x, tuple(m.weight for m in parts), tuple(m.bias for m in parts))
+        q, k, v = self.q, self.k, self.v
+        if type(q) is not Linear or type(k) is not Linear or type(v) is not Linear:
+            return None
+        return blocks.linear(x, (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,

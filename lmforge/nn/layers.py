@@ -77,15 +77,22 @@ class RowBlocks:
 
     def __init__(self, max_elements: int = _ROW_BLOCKS_MAX):
         self.max_elements, self.parts = max_elements, torch.get_num_threads()
-        self._blocks: dict[tuple[int, ...], tuple] = {}
+        self._blocks: dict[int | tuple[int, ...], tuple] = {}  # id(W) or ids of stacked Ws → entry
 
     @staticmethod
     def of(model: nn.Module) -> RowBlocks:
-        """The blocks kept with `model` (made on first use)."""
+        """The blocks kept with `model` (made on first use), checked against its parameters:
+        blocks of replaced or updated-in-place weights are dropped, to be made anew."""
         blocks = model.__dict__.get("_row_blocks")
         if blocks is None:
             blocks = model.__dict__["_row_blocks"] = RowBlocks()
+        blocks.check({id(p): p._version for p in model.parameters()})
         return blocks
+
+    def check(self, versions: dict[int, int]) -> None:
+        """Keep the blocks whose source tensors are in `versions` (id → version) unchanged."""
+        self._blocks = {k: e for k, e in self._blocks.items()
+                        if all(versions.get(id(t)) == v for t, v in zip(e[0], e[1]))}
 
     @staticmethod
     def active() -> RowBlocks | None:
@@ -103,26 +110,34 @@ class RowBlocks:
 
     def linear(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...],
                bs: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
-        """x [W_1; W_2; ...]^T + [b_1; b_2; ...], or None when the product is too large here."""
-        inp = x.shape[-1]
-        out = sum(w.shape[0] for w in ws)
+        """x [W_1; W_2; ...]^T + [b_1; b_2; ...], or None when the product is too large here.
+
+        Blocks are made on first use and then found by the weights' ids: while they are
+        active the weights must not change (`RowBlocks.of` checks them once per generation)."""
+        entry = self._blocks.get(id(ws[0]) if len(ws) == 1 else tuple(map(id, ws)))
+        if entry is None:
+            entry = self._make(ws, bs)
+        wb, bb, (P, inp, cols) = entry[2], entry[3], entry[4]
         rows = x.numel() // inp
-        if rows * out * inp > self.max_elements:
+        if rows * P * cols * inp > self.max_elements:
             return None
-        key = tuple(id(w) for w in ws)
-        versions = tuple(0 if t is None or t.is_inference() else t._version for t in ws + bs)
-        entry = self._blocks.get(key)
-        if entry is None or any(a is not b for a, b in zip(entry[0], ws + bs)) or entry[1] != versions:
-            P = self.parts if out % self.parts == 0 else 1
+        x3 = x.reshape(1, rows, inp).expand(P, rows, inp)
+        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
+        y = y.view(rows, P * cols) if rows == 1 else y.transpose(0, 1).reshape(rows, P * cols)
+        return y.view(*x.shape[:-1], P * cols)
+
+    def _make(self, ws, bs) -> tuple:
+        out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
+        P = self.parts if out % self.parts == 0 else 1
+        wb = bb = None  # too large even for one row: no copy, only the shape
+        if out * inp <= self.max_elements:
             w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
             wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
             bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
-            entry = self._blocks[key] = (ws + bs, versions, wb, bb)
-        wb, bb = entry[2], entry[3]
-        x3 = x.reshape(1, rows, inp).expand(wb.shape[0], rows, inp)
-        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
-        y = y.view(rows, out) if rows == 1 else y.transpose(0, 1).reshape(rows, out)
-        return y.view(*x.shape[:-1], out)
+        sources = tuple(t for t in ws + bs if t is not None)
+        entry = (sources, tuple(0 if t.is_inference() else t._version for t in sources), wb, bb, (P, inp, out // P))
+        self._blocks[id(ws[0]) if len(ws) == 1 else tuple(map(id, ws))] = entry
+        return entry
 
 
 class Linear(nn.Linear):
@@ -181,7 +196,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(self.drop(h))
+        return self.down(self.drop(h) if self.training else h)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
