@@ -131,9 +131,12 @@ def _cmd_tokenizer(a) -> int:
 
 def _cmd_pretrain(a) -> int:
     from lmforge import api
+    from lmforge.train import distributed
     from lmforge.train.recipe import load_recipe, run_pretraining
     recipe = load_recipe(a.config, a.overrides)
     result = run_pretraining(recipe)
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
     m = result["metrics"]
     print(f"\nmodel: {result['parameters']:,} parameters, {result['train_tokens']:,} training tokens")
     for k in ("steps", "train_loss", "valid_loss", "valid_perplexity", "tokens_per_s"):
@@ -230,7 +233,10 @@ def _overrides(pairs: list[str]) -> dict:
 
 def _cmd_finetune(a) -> int:
     from lmforge.tasks.finetune import finetune
+    from lmforge.train import distributed
     metrics = finetune(a.task, a.model, a.train, a.valid, out_dir=a.out, **_overrides(a.overrides))
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
     _print_metrics(a.task, metrics)
     print(f"saved to {a.out}")
     return 0

@@ -32,6 +32,7 @@ from lmforge.lora import apply_lora, lora_parameters, merge_lora
 from lmforge.models.heads import Model
 from lmforge.tasks import classify, qa, seq2seq
 from lmforge.tokenizer import Tokenizer, train_tokenizer_from_iterator
+from lmforge.train import distributed
 
 TASKS = ("classify", "qa", "seq2seq")
 
@@ -267,10 +268,14 @@ def finetune(task: str, model_dir: str | Path, train_file, valid_file=None, out_
         result["lora_parameters"] = lora_parameters(model)["trainable"]
         merge_lora(model)
     model.eval()
+    if not distributed.is_main():  # under torchrun rank 0 saves and evaluates
+        distributed.barrier()
+        return result
     api.save(model, out_dir, tokenizer=t.tok)
     metrics = {**result, **t.evaluate(model), "train_examples": t.n_train,
                "total_seconds": round(time.time() - t0, 1)}
     Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    distributed.barrier()
     return metrics
 
 

@@ -6,7 +6,7 @@
 Whatever the objective (`(model, batch) -> (loss, metrics)`, see lmforge.objectives), the
 loop does the same things: AdamW with weight decay on weight matrices only, a learning-rate
 schedule (schedule.py), gradient accumulation and clipping, optional bf16 autocast and
-`torch.compile`, periodic evaluation, JSONL metrics (+ TensorBoard when installed), a
+`torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation, JSONL metrics (+ TensorBoard when installed), a
 progress bar, atomic checkpoints that resume exactly, and a loss plot at the end.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
@@ -17,6 +17,7 @@ losses and weights, bit for bit, as one that ran straight through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from lmforge.evaluate import perplexity
 from lmforge.nn.layers import RelativeBias
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
 from lmforge.train.schedule import make_schedule
 
 
@@ -121,12 +123,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -174,10 +170,13 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    sums, n = {}, 0
+    sums, n = {}, 0.0
+    d = distributed.from_env() if torch.distributed.is_initialized() else distributed.Dist()
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
+        if i % d.world != d.rank:  # under torchrun each process evaluates its share
+            continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             _, metrics = objective(model, _to(batch, device))
         labels = batch.get("labels")
@@ -187,6 +186,11 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
             sums[k] = sums.get(k, 0.0) + float(v) * w
         n += w
     model.train(was_training)
+    if d.enabled:  # sums over every process; a metric some process lacks counts as 0 there
+        names = sorted(sums)
+        names = sorted(set().union(*distributed.gather_objects(names)))
+        *values, n = distributed.sum_all([sums.get(k, 0.0) for k in names] + [n], device)
+        sums = dict(zip(names, values))
     if n == 0:
         raise ValueError("evaluate: no validation batches")
     out = {f"valid_{k}": v / n for k, v in sums.items()}
@@ -267,8 +271,8 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     """
     if (cfg.ckpt_every or cfg.resume) and not cfg.out_dir:
         raise ValueError("TrainConfig.ckpt_every and resume need out_dir (where checkpoints are written)")
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    d, device = distributed.setup(cfg.device)  # under torchrun: this process's rank and device
+    torch.manual_seed(cfg.seed + d.rank)  # dropout differs between processes; batch streams have their own
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -279,7 +283,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     d_model = getattr(getattr(model, "cfg", None), "d_model", None)
     lr_at = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.decay_steps or cfg.max_steps,
                           cfg.min_lr, d_model)
-    data = _Counted(batches)
+    data = _Counted(distributed.Strided(batches, d.rank, d.world) if d.enabled else batches)
     get_eval = eval_batches if callable(eval_batches) else (lambda: eval_batches)
 
     # resume: model, optimizer, RNGs, data position and counters from the newest checkpoint
@@ -289,21 +293,27 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         state = ckpt.load_checkpoint(last_ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or []
+        ckpt.set_rng_state(ranks[d.rank] if d.rank < len(ranks) else state["rng"])
         data.load_state_dict(state["data"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         window, window_steps, window_tokens = state["window"], state["window_steps"], state["window_tokens"]
-    log = _Log(out, keep_until=step if last_ckpt is not None else None)
+    log = _Log(out if d.main else None, keep_until=step if last_ckpt is not None else None)
     # a fresh run replaces an earlier run's checkpoints in out_dir (when it writes its first one)
-    stale = [] if last_ckpt is not None or ckpt_dir is None else ckpt.list_checkpoints(ckpt_dir)
+    stale = [] if last_ckpt is not None or ckpt_dir is None or not d.main else ckpt.list_checkpoints(ckpt_dir)
 
     def checkpoint() -> Path:
+        """Every process calls it (their RNG states are gathered); rank 0 writes the file."""
+        rngs = distributed.gather_objects(ckpt.rng_state())
+        if not d.main:
+            return ckpt.checkpoint_path(ckpt_dir, step)
         while stale:
             stale.pop().unlink(missing_ok=True)
         state = {"format": 1, "step": step, "tokens": tokens, "elapsed": elapsed(),
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": {"name": cfg.schedule, "step": step, "lr": lr_at(step)},
-                 "rng": ckpt.rng_state(), "data": data.state_dict(), "train_config": asdict(cfg),
+                 "rng": rngs[0], "rng_ranks": rngs if d.enabled else None, "data": data.state_dict(),
+                 "train_config": asdict(cfg), "world_size": d.world,
                  "window": {k: float(v) for k, v in window.items()}, "window_steps": window_steps,
                  "window_tokens": window_tokens,
                  "model_config": model.cfg.to_dict() if hasattr(model, "cfg") else None}
@@ -314,16 +324,22 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         log.write({"step": step, **metrics})
         return metrics
 
-    fwd = torch.compile(model) if cfg.compile else model
+    # find_unused_parameters: a task may leave parameters without gradient (BERT's pooler when
+    # training embeddings); it also allows objectives that call the model twice (sentence pairs)
+    ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True) \
+        if d.enabled else None
+    fwd = ddp if ddp is not None else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     start = time.perf_counter()
     elapsed = lambda: elapsed_before + time.perf_counter() - start  # noqa: E731
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and d.main), unit="step",
+               dynamic_ncols=True)
     window_t0 = time.perf_counter()
     last_train, valid, stopped, evaluated_at = {}, {}, "max_steps", None
     try:
         while step < cfg.max_steps:
-            if cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60:
+            if cfg.max_minutes is not None and distributed.any_all(elapsed() >= cfg.max_minutes * 60, device):
                 stopped = "max_minutes"
                 break
             lr = lr_at(step)
@@ -335,16 +351,27 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             except StopIteration:
                 stopped = "data"
                 break
-            step_tokens = 0
-            for batch in micro:
-                with autocast:
-                    loss, metrics = objective(fwd, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(step + 1, "the loss", loss.item(), last_ckpt)
-                (loss / cfg.grad_accum).backward()
+            step_tokens, bad_loss = 0, None
+            for i, batch in enumerate(micro):
+                # DDP averages gradients over processes at the last micro-batch's backward only
+                sync = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        loss, metrics = objective(fwd, batch)
+                    if not torch.isfinite(loss):
+                        if not d.enabled:
+                            raise TrainingDiverged(step + 1, "the loss", loss.item(), last_ckpt)
+                        bad_loss = loss.item()  # raised below in every process at once
+                    (loss / cfg.grad_accum).backward()
                 for k, v in metrics.items():
                     window[k] = window.get(k, 0.0) + v.detach() / cfg.grad_accum
                 step_tokens += _count_tokens(batch, model)
+            if d.enabled:  # tokens of every process; a diverged loss anywhere stops every process
+                bad, step_tokens = distributed.sum_all([bad_loss is not None, step_tokens], device)
+                step_tokens = int(step_tokens)
+                if bad:
+                    raise TrainingDiverged(step + 1, "the loss", bad_loss if bad_loss is not None else math.nan,
+                                           last_ckpt)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not torch.isfinite(norm):
                 raise TrainingDiverged(step + 1, "the gradient norm", norm.item(), last_ckpt)
@@ -358,7 +385,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - window_t0
-                last_train = {k: float(v) / window_steps for k, v in window.items()}
+                last_train = _mean_over_processes(window, window_steps, d, device)
                 record = {"step": step, **last_train, "lr": lr, "grad_norm": float(norm),
                           "tokens": tokens, "tokens_per_s": window_tokens / dt if dt > 0 else 0.0,
                           "elapsed": round(elapsed(), 3)}
@@ -377,7 +404,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
                 last_ckpt = checkpoint()
                 window_t0 += time.perf_counter() - t  # nor is checkpointing
         if window_steps:  # steps since the last log record
-            last_train = {k: float(v) / window_steps for k, v in window.items()}
+            last_train = _mean_over_processes(window, window_steps, d, device)
             log.write({"step": step, **last_train, "tokens": tokens, "elapsed": round(elapsed(), 3)})
         if eval_batches is not None and evaluated_at != step:
             valid = run_eval()
@@ -386,13 +413,31 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     finally:
         bar.close()
         log.close()
+    distributed.barrier()  # every process returns once rank 0 has written its files
     seconds = elapsed()
-    plot = plot_losses(log.records, out / "loss.png") if out else None
+    plot = plot_losses(log.records, out / "loss.png") if out and d.main else None
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "train_loss": last_train.get("loss"), **valid, "stopped": stopped,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             "log": str(log.path) if log.path else None, "plot": str(plot) if plot else None}
+
+
+def _mean_over_processes(window: dict, steps: int, d: distributed.Dist, device: torch.device) -> dict:
+    """Metric sums of the last `steps` steps → means (over every process under torchrun)."""
+    names = sorted(window)
+    values = [float(window[k]) / steps for k in names]
+    if d.enabled:
+        values = [v / d.world for v in distributed.sum_all(values, device)]
+    return dict(zip(names, values))
+
+
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that still shows the model's config (objectives read `model.cfg`)."""
+
+    @property
+    def cfg(self):
+        return self.module.cfg
 
 
 def _ckpt_step(path: Path) -> int:

@@ -37,6 +37,7 @@ from lmforge.models.heads import Model
 from lmforge.models.io import save_model
 from lmforge.objectives import causal_lm, masked_lm, mlm_nsp, seq2seq
 from lmforge.tokenizer import Tokenizer, train_tokenizer_from_iterator
+from lmforge.train import distributed
 from lmforge.train.loop import TrainConfig, train
 
 BUILTIN_PYDOC = "builtin:pydoc"  # the Python language reference shipped with CPython (pydoc_data.topics)
@@ -388,7 +389,38 @@ def run_pretraining(recipe: Recipe) -> dict:
 
     Returns {out_dir, model_dir, tokenizer_dir, log, plot, checkpoint, parameters, train_tokens,
     valid_tokens, metrics (the loop's result: train/valid loss, valid_perplexity, tokens/s, ...)}.
+    Under torchrun, rank 0 trains the tokenizer and builds the token files first (the other
+    processes then read them), every process trains its share, and rank 0 writes the model.
     """
+    d, _ = distributed.setup(recipe.train.device)
+    with distributed.main_first(d):
+        prepared = _prepare(recipe, d)
+    tok, cfg, train_data, valid_data, stream, valid_batches, objective = prepared
+    out = Path(recipe.out_dir)
+    tok_dir = out / "tokenizer"
+
+    # 4. model and the loop
+    torch.manual_seed(recipe.train.seed)
+    model = Model(cfg)
+    tcfg = dataclasses.replace(recipe.train, out_dir=str(out))
+    result = train(model, objective, stream, tcfg, eval_batches=valid_batches)
+
+    # 5. the final model directory: weights + config + tokenizer
+    model_dir = out / "model"
+    summary = {"out_dir": str(out), "model_dir": str(model_dir), "tokenizer_dir": str(tok_dir),
+               "log": result["log"], "plot": result["plot"], "checkpoint": result["checkpoint"],
+               "parameters": model.num_parameters(), "train_tokens": _size(train_data),
+               "valid_tokens": _size(valid_data), "metrics": result}
+    if d.main:
+        save_model(model.to("cpu").eval(), model_dir)
+        tok.save(model_dir)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    distributed.barrier()
+    return summary
+
+
+def _prepare(recipe: Recipe, rank: distributed.Dist):
+    """Steps 1-3 of `run_pretraining`: tokenizer, model config, token data and batch streams."""
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(recipe.data.cache_dir) if recipe.data.cache_dir else out / "cache"
@@ -399,7 +431,8 @@ def run_pretraining(recipe: Recipe) -> dict:
         raise ValueError(f"objective {name!r} trains a {family} model with task {task!r}; the recipe's model is "
                          f"family={base.family!r} task={base.task!r}")
     _check_lengths(base, d.block_size)
-    _save_yaml(recipe.to_dict(), out / "recipe.yaml")
+    if rank.main:
+        _save_yaml(recipe.to_dict(), out / "recipe.yaml")
 
     # 1. text and tokenizer
     if name == "translation":
@@ -413,13 +446,14 @@ def run_pretraining(recipe: Recipe) -> dict:
     tok_dir = out / "tokenizer"
     if recipe.tokenizer.path:
         tok = Tokenizer.load(recipe.tokenizer.path)
-    elif recipe.train.resume and (tok_dir / "tokenizer.json").is_file():
-        tok = Tokenizer.load(tok_dir)  # a resumed run must see the same token ids
+    elif (recipe.train.resume or not rank.main) and (tok_dir / "tokenizer.json").is_file():
+        tok = Tokenizer.load(tok_dir)  # a resumed run (or another process) must see the same token ids
     else:
         for _ in texts():  # read once first: an empty, binary or non-UTF-8 corpus fails with its own message
             pass
         tok = _train_tokenizer(recipe, tok_family, texts())
-    tok.save(tok_dir)
+    if rank.main:
+        tok.save(tok_dir)
 
     # 2. model config from the preset, the tokenizer's vocabulary and special ids, and the recipe's fields
     cfg = recipe.model_config(vocab_size=tok.vocab_size, **_special_ids(tok, tok_family))
@@ -446,23 +480,7 @@ def run_pretraining(recipe: Recipe) -> dict:
         else:
             train_data, valid_data = tokens.split(d.val_fraction, by="token")
     stream, valid_batches, objective = _streams(recipe, tok, cfg, train_data, valid_data)
-
-    # 4. model and the loop
-    torch.manual_seed(recipe.train.seed)
-    model = Model(cfg)
-    tcfg = dataclasses.replace(recipe.train, out_dir=str(out))
-    result = train(model, objective, stream, tcfg, eval_batches=valid_batches)
-
-    # 5. the final model directory: weights + config + tokenizer
-    model_dir = out / "model"
-    save_model(model.to("cpu").eval(), model_dir)
-    tok.save(model_dir)
-    summary = {"out_dir": str(out), "model_dir": str(model_dir), "tokenizer_dir": str(tok_dir),
-               "log": result["log"], "plot": result["plot"], "checkpoint": result["checkpoint"],
-               "parameters": model.num_parameters(), "train_tokens": _size(train_data),
-               "valid_tokens": _size(valid_data), "metrics": result}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    return summary
+    return tok, cfg, train_data, valid_data, stream, valid_batches, objective
 
 
 def _size(data) -> int:
