@@ -6,8 +6,9 @@
 Whatever the objective (`(model, batch) -> (loss, metrics)`, see lmforge.objectives), the
 loop does the same things: AdamW with weight decay on weight matrices only, a learning-rate
 schedule (schedule.py), gradient accumulation and clipping, optional bf16 autocast and
-`torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation, JSONL metrics (+ TensorBoard when installed), a
-progress bar, atomic checkpoints that resume exactly, and a loss plot at the end.
+`torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation,
+JSONL metrics (+ TensorBoard when installed), a progress bar, atomic checkpoints that resume
+exactly, and a loss plot at the end.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
 one (lmforge.data.batches.Batches does); any other iterator is fast-forwarded by the number
