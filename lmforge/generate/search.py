@@ -408,29 +408,40 @@ def _beam_loop(model, ids, mask, *, max_new_tokens, num_beams, length_penalty, e
         logp = (logp.view(B, nb, V) + run_scores[:, :, None]).view(B, nb * V)
         top_scores, top_idx = torch.topk(logp, K)  # (B, K)
         src, tok = top_idx // V, top_idx % V
-        top_seq = _gather(run_seq, src)
-        top_seq[:, :, t] = tok
+        top_seq = None  # the K candidates' sequences, built only when needed
+
+        def candidates():
+            seq = _gather(run_seq, src)
+            seq[:, :, t] = tok
+            return seq
         hits = torch.isin(tok, eos) if eos_ids else torch.zeros_like(tok, dtype=torch.bool)
         if t + 1 >= T:
             hits = torch.ones_like(hits)
         elif stop:
+            top_seq = candidates()
             hits |= stop.hits(top_seq[:, :, :t + 1].reshape(B * K, t + 1)).view(B, K)
         # the best num_beams continuations that did not stop keep running
         run_lp = top_scores + hits.float() * -1.0e9
         keep = torch.topk(run_lp, nb).indices  # (B, nb)
-        run_seq, run_scores, run_src = _gather(top_seq, keep), _gather(run_lp, keep), _gather(src, keep)
-        # stopped ones among the top num_beams join the finished set if they beat it
+        run_src, run_scores = _gather(src, keep), _gather(run_lp, keep)
+        next_seq = _gather(run_seq, run_src)
+        next_seq[:, :, t] = _gather(tok, keep)
+        # stopped ones among the top num_beams join the finished set if they beat it (most
+        # steps none did: then the finished set stays as it is)
         just = hits & top_nb[None]
-        scored = top_scores / ((t + 1) ** length_penalty)
-        scored = scored + (fin.all(-1, keepdim=True) & (early_stopping is True)).float() * -1.0e9
-        scored = scored + (~open_).float() * -1.0e9
-        scored = scored + (~just) * -1.0e9
-        m_scores = torch.cat((fin_scores, scored), 1)
-        best = torch.topk(m_scores, nb).indices
-        fin_seq = _gather(torch.cat((fin_seq, top_seq), 1), best)
-        fin_scores = _gather(m_scores, best)
-        fin_len = _gather(torch.cat((fin_len, torch.full_like(tok, t + 1)), 1), best)
-        fin = _gather(torch.cat((fin, just), 1), best)
+        if bool(just.any()):
+            top_seq = candidates() if top_seq is None else top_seq
+            scored = top_scores / ((t + 1) ** length_penalty)
+            scored = scored + (fin.all(-1, keepdim=True) & (early_stopping is True)).float() * -1.0e9
+            scored = scored + (~open_).float() * -1.0e9
+            scored = scored + (~just) * -1.0e9
+            m_scores = torch.cat((fin_scores, scored), 1)
+            best = torch.topk(m_scores, nb).indices
+            fin_seq = _gather(torch.cat((fin_seq, top_seq), 1), best)
+            fin_scores = _gather(m_scores, best)
+            fin_len = _gather(torch.cat((fin_len, torch.full_like(tok, t + 1)), 1), best)
+            fin = _gather(torch.cat((fin, just), 1), best)
+        run_seq = next_seq
         # HF's heuristic: can the best running beam still beat the worst finished one?
         n = T if early_stopping == "never" and length_penalty > 0.0 else t + 1
         best_running = run_scores[:, :1] / (n ** length_penalty)

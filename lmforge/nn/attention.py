@@ -22,20 +22,21 @@ class KVCache:
     """Preallocated keys/values for every decoder layer, written at the current position.
 
     Self-attention: `kv[layer]` of shape (2, B, KV, max_len, hd), keys then values, filled
-    up to `pos`. Cross-attention: k/v of the encoder memory, computed once at the first step.
+    up to `pos` (views of one buffer `buf` for all layers). Cross-attention: k/v of the encoder memory, computed once at the first step.
     A cache lives for one generation, so it also keeps the relative position bias table
     decoding slices at every step (`rel_bias`, T5).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        self.kv = [torch.zeros(2, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-                   for _ in range(n_layers)]
+        # one buffer for every layer (one copy reorders them all); kv[layer] is a view of it
+        self.buf = torch.zeros(n_layers, 2, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.kv = list(self.buf)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.rel_bias: torch.Tensor | None = None
         self.pos = 0  # number of positions already written
         self.max_len = max_len
-        self._spare: list[torch.Tensor] | None = None  # see reorder
+        self._spare: torch.Tensor | None = None  # see reorder
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -43,7 +44,7 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.kv[0].shape[1]
+        return self.buf.shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, KV, T, hd) at [pos, pos+T) and return everything up to pos+T.
@@ -71,13 +72,12 @@ class KVCache:
         """
         if index.numel() == self.batch:
             if self._spare is None:
-                self._spare = [torch.empty_like(t) for t in self.kv]
-            for src, dst in zip(self.kv, self._spare):
-                torch.index_select(src[..., :self.pos, :], 1, index, out=dst[..., :self.pos, :])
-            self.kv, self._spare = self._spare, self.kv
+                self._spare = torch.empty_like(self.buf)
+            torch.index_select(self.buf[..., :self.pos, :], 2, index, out=self._spare[..., :self.pos, :])
+            self.buf, self._spare = self._spare, self.buf
         else:  # the batch grows or shrinks: new buffers
-            self.kv = [t.index_select(1, index) for t in self.kv]
-            self._spare = None
+            self.buf, self._spare = self.buf.index_select(2, index), None
+        self.kv = list(self.buf)
         if cross:
             self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
                           for c in self.cross]
