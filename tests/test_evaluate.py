@@ -272,3 +272,11 @@ def test_classification_validates(fn):
         fn([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="empty"):
         fn([], [])
+
+
+def test_rouge_values_with_the_real_package():
+    pytest.importorskip("rouge_score")
+    r = rouge(["the cat sat on the mat"], ["the cat is on the mat"])
+    # 5 of 6 unigrams, 3 of 5 bigrams, LCS "the cat on the mat" of 6
+    assert r["rouge1"] == pytest.approx(5 / 6) and r["rouge2"] == pytest.approx(0.6)
+    assert r["rougeL"] == pytest.approx(5 / 6)
