@@ -104,7 +104,7 @@ class Attention(nn.Module):
         """x [W_q; W_k; W_v]^T (+ biases) as one product while decoding (RowBlocks active), or
         None (too large, projections that are not plain `Linear`s such as LoRA, gradients)."""
         blocks = RowBlocks.active()
-        if blocks is None or torch.is_grad_enabled():
+        if blocks is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32:
             return None
         q, k, v = self.q, self.k, self.v
         if type(q) is not Linear or type(k) is not Linear or type(v) is not Linear:
