@@ -14,6 +14,10 @@ import sys
 import time
 
 QUESTION = "Explain in a few sentences why the sky is blue."
+PASSAGE = ("The Transformer is a model architecture that eschews recurrence and instead relies entirely on an "
+           "attention mechanism to draw global dependencies between input and output. The Transformer allows for "
+           "significantly more parallelization and can reach a new state of the art in translation quality after "
+           "being trained for as little as twelve hours on eight P100 GPUs.")
 
 LLAMACPP = r"""
 import json, sys, time
@@ -70,6 +74,25 @@ def main():
           f"{'same tokens' if same else 'TOKENS DIFFER'}")
     print(f"lmforge int8 {rates['int8']:5.1f} tok/s   ratio to HF {rates['int8'] / rates['HF']:.2f}x   "
           f"first {common} of {n} tokens as the float model")
+    # a prompt the answer copies from: prompt lookup guesses ahead (ours and HF's own)
+    copy = lmforge.api.chat_prompt(tok, [{"role": "user", "content": "Repeat this text exactly: " + PASSAGE}])
+    cids = tok.encode(copy)
+    for rep in range(2):
+        t = time.perf_counter()
+        plain = generate(model, [cids], max_new_tokens=n, strategy="greedy")
+        rates["copy"] = len(plain.tolist()[0]) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        looked = generate(model, [cids], max_new_tokens=n, strategy="greedy", prompt_lookup=10)
+        rates["copy lookup"] = len(looked.tolist()[0]) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf = ref.generate(torch.tensor([cids]), max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=10,
+                              pad_token_id=tok.pad_id or 0)
+        rates["copy HF lookup"] = (hf.shape[1] - len(cids)) / (time.perf_counter() - t)
+    print(f"copying prompt, greedy: lmforge {rates['copy']:.1f} tok/s; with prompt_lookup=10 "
+          f"{rates['copy lookup']:.1f} tok/s ({'same tokens' if looked.tolist() == plain.tolist() else 'DIFFER'}); "
+          f"HF prompt_lookup_num_tokens=10 {rates['copy HF lookup']:.1f} tok/s "
+          f"(ratio {rates['copy lookup'] / rates['copy HF lookup']:.2f}x)")
     if not a.no_llamacpp:
         try:
             r = subprocess.run([sys.executable, "-c", LLAMACPP, os.path.join(folder, name), prompt, str(n),

@@ -90,9 +90,10 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, *, max_new_to
                   strategy: str = "greedy", num_beams: int = 4, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                   no_repeat_ngram_size: int = 0, seed: int | None = None, stop: list[str] | tuple = (),
-                  stream: bool = False, truncate: bool = False):
+                  stream: bool = False, truncate: bool = False, prompt_lookup: int = 0):
     """Text in, text out: the continuation of `prompt` (the target for an encoder-decoder's source).
-    With stream=True, an iterator of text pieces (greedy or sampling)."""
+    With stream=True, an iterator of text pieces (greedy or sampling). prompt_lookup=k: greedy
+    decoding that guesses k tokens ahead from the prompt (same text, faster when it repeats)."""
     from lmforge.generate import SamplingParams, generate, stream_text
     if tokenizer is None:
         raise ValueError("text generation needs a tokenizer saved with the model")
@@ -103,11 +104,11 @@ def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, *, max_new_to
             raise ValueError("streaming works with strategy 'greedy' or 'sample', not 'beam'")
         return stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, strategy=strategy,
                            sampling=sampling, seed=seed, stop_strings=stop,
-                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate)
+                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate, prompt_lookup=prompt_lookup)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt is empty")
     out = generate(model, [tokenizer.encode(prompt)], max_new_tokens=max_new_tokens, strategy=strategy,
                    sampling=sampling, num_beams=num_beams if strategy == "beam" else 1,
                    no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, stop_strings=stop,
-                   tokenizer=tokenizer, truncate=truncate)
+                   tokenizer=tokenizer, truncate=truncate, prompt_lookup=prompt_lookup)
     return out.texts[0]

@@ -177,12 +177,14 @@ def _sampling_args(s) -> None:
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="greedy: guess K tokens ahead from the prompt, check them in one step (same text)")
 
 
 def _gen_kwargs(a) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, strategy=a.strategy, num_beams=a.num_beams, top_k=a.top_k,
                 top_p=a.top_p, min_p=a.min_p, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
-                no_repeat_ngram_size=a.no_repeat_ngram_size, seed=a.seed, stop=a.stop)
+                no_repeat_ngram_size=a.no_repeat_ngram_size, seed=a.seed, stop=a.stop, prompt_lookup=a.prompt_lookup)
 
 
 def _cmd_generate(a) -> int:

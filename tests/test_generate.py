@@ -282,6 +282,53 @@ def test_stream_text_equals_generate(text_model):
         assert "".join(stream_text(model, tok, prompt, stop_strings=[stop], **kw)) == cut.texts[0]
 
 
+# ---- prompt lookup decoding ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "bart"])
+def test_prompt_lookup_gives_the_greedy_tokens(pairs, arch):
+    ref, ours = pairs(arch)
+    g = torch.Generator().manual_seed(5)
+    phrase = torch.randint(3, 99, (6,), generator=g).tolist()
+    for prompt in (phrase * 3, phrase + phrase[:3]):  # text that repeats: guesses are made and checked
+        want = generate(ours, [prompt], max_new_tokens=20, eos_ids=[]).tolist()
+        for k in (1, 3, 8):
+            assert generate(ours, [prompt], max_new_tokens=20, eos_ids=[], prompt_lookup=k).tolist() == want
+    early = want[0][5]  # an EOS inside the output ends both at the same token
+    assert generate(ours, [prompt], max_new_tokens=20, eos_ids=[early], prompt_lookup=4).tolist() == \
+        generate(ours, [prompt], max_new_tokens=20, eos_ids=[early]).tolist()
+
+
+def test_prompt_lookup_takes_fewer_steps_when_the_output_repeats(monkeypatch):
+    from lmforge.generate import search
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("gpt-tiny", vocab_size=64)).eval()  # small init: it repeats itself
+    prompt = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]]
+    calls = []
+    for name in ("step", "step_many"):
+        orig = getattr(search.DecoderState, name)
+        monkeypatch.setattr(search.DecoderState, name,
+                            lambda self, t, _o=orig: calls.append(1) or _o(self, t))
+    want = generate(model, prompt, max_new_tokens=30, eos_ids=[]).tolist()
+    plain, calls[:] = len(calls), []
+    got = generate(model, prompt, max_new_tokens=30, eos_ids=[], prompt_lookup=8).tolist()
+    assert got == want and plain == 29 and len(calls) < 10
+
+
+def test_prompt_lookup_streams_and_rejects_what_it_cannot_do(text_model, pairs):
+    model, tok = text_model
+    prompt = "abc abc abc abc"
+    full = generate(model, tok.encode(prompt), max_new_tokens=30, tokenizer=tok)
+    assert "".join(stream_text(model, tok, prompt, max_new_tokens=30, prompt_lookup=5)) == full.texts[0]
+    _, ours = pairs("gpt2")
+    for kw in (dict(strategy="sample"), dict(strategy="beam", num_beams=2), dict(min_new_tokens=2),
+               dict(stop_strings=["x"], tokenizer=tok), dict(no_repeat_ngram_size=2)):
+        with pytest.raises(ValueError, match="prompt_lookup"):
+            generate(ours, [[5, 6, 7]], max_new_tokens=5, prompt_lookup=3, **kw)
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        generate(ours, [[5, 6, 7], [8, 9, 10]], max_new_tokens=5, prompt_lookup=3)  # one prompt only
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        generate(ours, [[5, 6, 7]], max_new_tokens=5, prompt_lookup=-1)
+
+
 # ---- errors ------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors(pairs):
     _, ours = pairs("gpt2")

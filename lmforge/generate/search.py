@@ -177,6 +177,23 @@ class DecoderState:
             self.positions = self.positions + 1
         return logits
 
+    @torch.inference_mode()
+    def step_many(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens of one unpadded row, tokens (T,); return the logits after each (T, V).
+        With `rewind` this verifies guessed continuations (prompt lookup decoding)."""
+        if self.mask is not None or self.cache.batch != 1:
+            raise ValueError("step_many feeds one unpadded row")
+        with self.blocks:
+            hidden = self.model.backbone.decode(tokens.view(1, -1), memory=self.memory,
+                                                memory_mask=self.memory_mask, cache=self.cache)
+            return self.model.logits(hidden)[0].float()
+
+    def rewind(self, pos: int) -> None:
+        """Forget every cached position from `pos` on (they are overwritten by the next step)."""
+        if not 0 <= pos <= self.cache.pos:
+            raise ValueError(f"cannot rewind to position {pos}; the cache holds {self.cache.pos}")
+        self.cache.pos = pos
+
     def reorder(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Keep rows `index` (B',): repeat each prompt for its beams, or reorder beams.
 
@@ -298,6 +315,64 @@ def _token_loop(model, input_ids, attention_mask, *, max_new_tokens, sampling, d
         logits = state.step(tokens)
 
 
+def lookup(seq: list[int], n_max: int, k: int) -> list[int]:
+    """Prompt lookup (Saxena 2023, HF's `prompt_lookup_num_tokens`): the k tokens that followed
+    the earliest earlier occurrence of the sequence's last n tokens (n = n_max down to 1), or []."""
+    for n in range(min(n_max, len(seq) - 1), 0, -1):
+        tail = seq[-n:]
+        for i in range(len(seq) - n):
+            if seq[i:i + n] == tail:
+                return seq[i + n:i + n + k]
+    return []
+
+
+def _lookup_loop(model, input_ids, *, max_new_tokens, eos_ids, num_tokens, ngram_size=2):
+    """Greedy decoding of one prompt that guesses `num_tokens` tokens ahead by prompt lookup and
+    verifies them in one step: the greedy tokens, with fewer decoding steps when the output
+    repeats its input. Yields (token (1,), done (1,)) per token, like `_token_loop`."""
+    state, logits = DecoderState.prefill(model, input_ids, None, max_new_tokens)
+    seq = input_ids[0].tolist()  # decoder: the prompt; encoder-decoder: the source, to copy from
+    emitted, dev = 0, input_ids.device
+    while True:
+        token = int(logits.argmax(-1)[0])
+        seq.append(token)
+        emitted += 1
+        done = token in eos_ids
+        yield torch.tensor([token], device=dev), torch.tensor([done], device=dev)
+        if done or emitted == max_new_tokens:
+            return
+        guess = lookup(seq, ngram_size, min(num_tokens, max_new_tokens - emitted - 1))
+        if not guess:
+            logits = state.step(torch.tensor([token], device=dev))
+            continue
+        start = state.cache.pos
+        many = state.step_many(torch.tensor([token] + guess, device=dev))  # (1 + k, V)
+        predicted = many.argmax(-1).tolist()  # predicted[i]: the greedy token after guess[:i]
+        accepted = 0
+        while accepted < len(guess) and guess[accepted] == predicted[accepted]:
+            accepted += 1
+        for t in guess[:accepted]:
+            seq.append(t)
+            emitted += 1
+            done = t in eos_ids
+            yield torch.tensor([t], device=dev), torch.tensor([done], device=dev)
+            if done:
+                return
+        state.rewind(start + 1 + accepted)
+        logits = many[accepted:accepted + 1]
+
+
+def _check_lookup(k, strategy, ids, stop, ngram, min_new_tokens, sampling) -> bool:
+    """Is prompt lookup asked for (k > 0), and possible with these arguments?"""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"prompt_lookup must be an int >= 0 (tokens guessed per step), got {k!r}")
+    if k and (strategy != "greedy" or ids.shape[0] != 1 or stop or ngram or min_new_tokens
+              or sampling.repetition_penalty != 1.0):
+        raise ValueError("prompt_lookup works with greedy decoding of one prompt, without stop strings, "
+                         "min_new_tokens, repetition penalty or no_repeat_ngram_size")
+    return k > 0
+
+
 def _no_history(logits: torch.Tensor) -> torch.Tensor:
     """An empty (B, 0) history, for sampling without penalties."""
     return torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
@@ -314,7 +389,7 @@ def stream_tokens(model, input_ids, attention_mask=None, *, max_new_tokens: int,
                   sampling: SamplingParams | None = None, eos_ids: int | Sequence[int] | None = None,
                   min_new_tokens: int = 0, seed: int | None = None, generator: torch.Generator | None = None,
                   stop_strings: Sequence[str] = (), tokenizer=None, no_repeat_ngram_size: int = 0,
-                  truncate: bool = False) -> Iterator[torch.Tensor]:
+                  truncate: bool = False, prompt_lookup: int = 0) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, a (B,) tensor, once per step.
 
     strategy "greedy" takes the argmax after the penalties; "sample" draws from the
@@ -329,8 +404,12 @@ def stream_tokens(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     eos_ids, stop, ngram, sampling, generator, ids, mask = _setup(
         model, input_ids, attention_mask, max_new_tokens, sampling, do_sample, eos_ids, min_new_tokens,
         seed, generator, stop_strings, tokenizer, no_repeat_ngram_size, truncate)
-    loop = _token_loop(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling, do_sample=do_sample,
-                       eos_ids=eos_ids, min_new_tokens=min_new_tokens, generator=generator, stop=stop, ngram=ngram)
+    if _check_lookup(prompt_lookup, strategy, ids, stop, ngram, min_new_tokens, sampling):
+        loop = _lookup_loop(model, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids, num_tokens=prompt_lookup)
+    else:
+        loop = _token_loop(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
+                           do_sample=do_sample, eos_ids=eos_ids, min_new_tokens=min_new_tokens,
+                           generator=generator, stop=stop, ngram=ngram)
     return _in_eval_mode(model, (tokens for tokens, _ in loop))
 
 
@@ -528,7 +607,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, stra
              early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
              eos_ids: int | Sequence[int] | None = None, min_new_tokens: int = 0, seed: int | None = None,
              generator: torch.Generator | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-             truncate: bool = False) -> Generation:
+             truncate: bool = False, prompt_lookup: int = 0) -> Generation:
     """Generate up to max_new_tokens for each prompt with greedy decoding, sampling or beam search.
 
     input_ids: (B, S) tensor with an optional attention_mask (any padding side), a list of ids,
@@ -537,10 +616,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, stra
     `model.cfg.eos_id`; never before min_new_tokens) or a stop string (needs `tokenizer`; the
     text is cut before it). strategy="sample" draws with `sampling` and `seed`/`generator`,
     num_return_sequences times per prompt; "beam" returns the num_return_sequences best of
-    num_beams hypotheses with their scores.
+    num_beams hypotheses with their scores. prompt_lookup=k (greedy, one prompt, no
+    penalties or stop strings) guesses k tokens ahead from earlier n-grams of the prompt
+    and output and checks them in one step: the same tokens, fewer steps when text repeats.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "beam" and prompt_lookup:
+        raise ValueError("prompt_lookup works with greedy decoding, not beam search")
     if strategy == "beam":
         return beam_search(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                            length_penalty=length_penalty, early_stopping=early_stopping,
@@ -559,6 +642,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, stra
     eos, stop, ngram, sampling, generator, ids, mask = _setup(
         model, input_ids, attention_mask, max_new_tokens, sampling, do_sample, eos_ids, min_new_tokens,
         seed, generator, stop_strings, tokenizer, no_repeat_ngram_size, truncate)
+    if _check_lookup(prompt_lookup, strategy, ids, stop, ngram, min_new_tokens, sampling):
+        seq, lengths = _run(model, _collect, ids, None, token_loop=_lookup_loop, max_new_tokens=max_new_tokens,
+                            eos_ids=eos, num_tokens=prompt_lookup)
+        return _result(seq, lengths, None, eos, stop, tokenizer)
     if R > 1:  # HF's expansion: each prompt repeated R times, rows prompt-major
         ids = ids.repeat_interleave(R, 0)
         mask = None if mask is None else mask.repeat_interleave(R, 0)
@@ -568,10 +655,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, stra
     return _result(seq, lengths, None, eos, stop, tokenizer)
 
 
-def _collect(model, ids, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the token loop to the end: (sequences (B, T), lengths (B,))."""
+def _collect(model, ids, mask, token_loop=None, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the token loop (or `token_loop`, same yields) to the end: (sequences (B, T), lengths (B,))."""
     steps, dones = [], []
-    for tokens, done in _token_loop(model, ids, mask, **kw):
+    loop = token_loop(model, ids, **kw) if token_loop is not None else _token_loop(model, ids, mask, **kw)
+    for tokens, done in loop:
         steps.append(tokens)
         dones.append(done)
     done = torch.stack(dones, 1)  # (B, T): has the row ended at or before step t?

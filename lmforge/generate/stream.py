@@ -57,7 +57,7 @@ def text_deltas(tokenizer, tokens: Iterable[int], stop_strings: Sequence[str] = 
 def stream_text(model, tokenizer, prompt: str, *, max_new_tokens: int, strategy: str = "greedy",
                 sampling: SamplingParams | None = None, eos_ids: int | Sequence[int] | None = None,
                 min_new_tokens: int = 0, seed: int | None = None, stop_strings: Sequence[str] = (),
-                no_repeat_ngram_size: int = 0, truncate: bool = False) -> Iterator[str]:
+                no_repeat_ngram_size: int = 0, truncate: bool = False, prompt_lookup: int = 0) -> Iterator[str]:
     """Yield the continuation of `prompt` (or, for an encoder-decoder, the output for the source)
     as text pieces while it is generated, with greedy decoding or sampling.
 
@@ -70,7 +70,8 @@ def stream_text(model, tokenizer, prompt: str, *, max_new_tokens: int, strategy:
     eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
     stream = stream_tokens(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens, strategy=strategy,
                            sampling=sampling, eos_ids=eos_ids, min_new_tokens=min_new_tokens, seed=seed,
-                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate)  # checks the arguments
+                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate,
+                           prompt_lookup=prompt_lookup)  # checks the arguments
     StopStrings(tokenizer, stop_strings)  # rejects bad stop strings now, not at the first step
 
     def ids():
