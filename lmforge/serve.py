@@ -44,6 +44,7 @@ def create_app(model_dir: str, int8: bool = False):
         seed: int | None = None
         stop: list[str] = Field(default_factory=list)
         stream: bool = False
+        prompt_lookup: int = 0
 
     class ChatRequest(BaseModel):
         messages: list[dict]
@@ -62,7 +63,7 @@ def create_app(model_dir: str, int8: bool = False):
     def options(r) -> dict:
         return dict(max_new_tokens=r.max_new_tokens, strategy=r.strategy, num_beams=r.num_beams,
                     temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                    repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop)
+                    repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop, prompt_lookup=r.prompt_lookup)
 
     def run(prompt, stream, **kw):
         return api.generate_text(model, tok, prompt, stream=stream, **kw)

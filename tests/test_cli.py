@@ -82,6 +82,8 @@ def test_server_generate_and_embeddings(pretrained):
     pieces = [json.loads(line[6:])["text"] for line in s.text.splitlines()
               if line.startswith("data: ") and line != "data: [DONE]"]
     assert "".join(pieces) == r.json()["text"]
+    p = client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5, "prompt_lookup": 3})
+    assert p.json()["text"] == r.json()["text"]
     assert client.post("/v1/generate", json={"prompt": "The", "top_p": 2.0}).status_code == 400
     c = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert c.status_code == 200 and c.json()["choices"][0]["message"]["role"] == "assistant"
