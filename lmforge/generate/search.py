@@ -8,6 +8,9 @@ and returns the next-token logits (B, V). The strategies are free functions on t
     stream_tokens  greedy (argmax) or sampling: one (B,) tensor of tokens per step
     beam_search    beam search with HF transformers' semantics and scores
     generate       the one entry point: validation, strategy, stop conditions, result
+
+Prompt lookup decoding (`prompt_lookup=K`) checks K guessed tokens with one `step_many` and
+`rewind`s the cache past the first wrong guess.
 """
 
 from __future__ import annotations
