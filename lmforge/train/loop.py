@@ -188,8 +188,7 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
         n += w
     model.train(was_training)
     if d.enabled:  # sums over every process; a metric some process lacks counts as 0 there
-        names = sorted(sums)
-        names = sorted(set().union(*distributed.gather_objects(names)))
+        names = sorted(set().union(*distributed.gather_objects(sorted(sums))))
         *values, n = distributed.sum_all([sums.get(k, 0.0) for k in names] + [n], device)
         sums = dict(zip(names, values))
     if n == 0:
