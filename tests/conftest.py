@@ -62,3 +62,12 @@ def padded_batch():
     dmask = torch.ones(2, 6, dtype=torch.long)
     dmask[0, 4:] = 0
     return ids, mask, dec, dmask
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CPU does not oversubscribe."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

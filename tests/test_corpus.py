@@ -162,3 +162,18 @@ def test_pad_batch():
         pad_batch([[1]], 0, side="middle")
     with pytest.raises(ValueError, match="pad_id"):
         pad_batch([[1]], None)
+
+
+def test_jsonl_rows_name_file_and_line(tmp_path):
+    from lmforge.data.corpus import jsonl_rows
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert list(jsonl_rows(p)) == [(1, {"a": 1}), (3, {"a": 2})]
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: empty line"):
+        list(jsonl_rows(p, skip_empty=False))
+    p.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: expected a JSON object, got list"):
+        list(jsonl_rows(p))
+    p.write_text('{"a": \n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:1: not valid JSON"):
+        list(jsonl_rows(p))

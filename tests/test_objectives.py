@@ -22,13 +22,7 @@ from lmforge.train.loop import TrainConfig, train
 from tests.conftest import tiny_hf
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU does not oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_and_ours(tmp_path, arch, cls=None, **extra):

@@ -336,3 +336,24 @@ def read_lines(path: str | Path, skip_empty: bool = False) -> list[str]:
     if not texts:
         raise ValueError(f"{p} is empty")
     return texts
+
+
+def jsonl_rows(path: str | Path, skip_empty: bool = True) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a .jsonl file; a line that is not a JSON object
+    (or an empty line, unless skip_empty) is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                if skip_empty:
+                    continue
+                raise ValueError(f"{path}:{n}: empty line")
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row

@@ -114,9 +114,10 @@ class RowBlocks:
 
         Blocks are made on first use and then found by the weights' ids: while they are
         active the weights must not change (`RowBlocks.of` checks them once per generation)."""
-        entry = self._blocks.get(id(ws[0]) if len(ws) == 1 else tuple(map(id, ws)))
+        key = id(ws[0]) if len(ws) == 1 else tuple(map(id, ws))
+        entry = self._blocks.get(key)
         if entry is None:
-            entry = self._make(ws, bs)
+            entry = self._blocks[key] = self._make(ws, bs)
         wb, bb, (P, inp, cols) = entry[2], entry[3], entry[4]
         rows = x.numel() // inp
         if rows * P * cols * inp > self.max_elements:
@@ -127,6 +128,7 @@ class RowBlocks:
         return y.view(*x.shape[:-1], P * cols)
 
     def _make(self, ws, bs) -> tuple:
+        """(sources, their versions, blocks of [W...]^T or None, bias blocks or None, (P, in, out/P))."""
         out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
         P = self.parts if out % self.parts == 0 else 1
         wb = bb = None  # too large even for one row: no copy, only the shape
@@ -135,9 +137,7 @@ class RowBlocks:
             wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
             bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
         sources = tuple(t for t in ws + bs if t is not None)
-        entry = (sources, tuple(0 if t.is_inference() else t._version for t in sources), wb, bb, (P, inp, out // P))
-        self._blocks[id(ws[0]) if len(ws) == 1 else tuple(map(id, ws))] = entry
-        return entry
+        return sources, tuple(0 if t.is_inference() else t._version for t in sources), wb, bb, (P, inp, out // P)
 
 
 class Linear(nn.Linear):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.corpus import pad_batch
+from lmforge.data.corpus import jsonl_rows, pad_batch
 from lmforge.evaluate import accuracy, macro_f1
 from lmforge.tokenizer import Tokenizer
 
@@ -35,19 +35,10 @@ class Example:
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row dict) for a .tsv/.csv file with a header line, or a .jsonl file."""
+    if path.suffix == ".jsonl":
+        yield from jsonl_rows(path)
+        return
     with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-            return
         if path.suffix not in (".tsv", ".csv"):
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .csv or .jsonl")
         # TSV: split on tabs with no quoting (SST-2 and GLUE text contains bare quote characters)

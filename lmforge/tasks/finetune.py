@@ -28,6 +28,7 @@ import torch
 
 from lmforge import api
 from lmforge.config import ModelConfig
+from lmforge.data.corpus import jsonl_rows
 from lmforge.lora import apply_lora, lora_parameters, merge_lora
 from lmforge.models.heads import Model
 from lmforge.tasks import classify, qa, seq2seq
@@ -393,15 +394,10 @@ def _qa_inputs(inputs, context: str | None) -> list[qa.Question]:
         return qa.read_squad(p)
     if not isinstance(inputs, (list, tuple)) and p.suffix == ".jsonl" and p.is_file():
         out = []
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    out.append(qa.Question(str(row.get("id", n)), row["question"], row["context"], []))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{p}:{n}: expected a JSON object with 'question' and 'context'") from None
+        for n, row in jsonl_rows(p):
+            if not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str):
+                raise ValueError(f"{p}:{n}: expected a JSON object with 'question' and 'context'")
+            out.append(qa.Question(str(row.get("id", n)), row["question"], row["context"], []))
         return out
     if context is None:
         raise ValueError("qa prediction needs a context: pass context=TEXT, or a .json/.jsonl file")

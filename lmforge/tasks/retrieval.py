@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.data.corpus import jsonl_rows
 from lmforge.embed import SemanticIndex, embed
 from lmforge.evaluate import retrieval_metrics
 
@@ -39,21 +40,14 @@ def read_retrieval(path: str | Path, limit: int | None = None) -> tuple[list[str
                 queries.append(qa["question"])
                 relevant.append({d})
     else:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-                if "doc" in row:
-                    doc_id(row["doc"])
-                    continue
-                if not row.get("query") or not row.get("positives"):
-                    raise ValueError(f"{path}:{n}: needs 'query' and a non-empty 'positives' list (or 'doc')")
-                queries.append(row["query"])
-                relevant.append({doc_id(p) for p in row["positives"]})
+        for n, row in jsonl_rows(path):
+            if "doc" in row:
+                doc_id(row["doc"])
+                continue
+            if not row.get("query") or not row.get("positives"):
+                raise ValueError(f"{path}:{n}: needs 'query' and a non-empty 'positives' list (or 'doc')")
+            queries.append(row["query"])
+            relevant.append({doc_id(p) for p in row["positives"]})
     if not queries:
         raise ValueError(f"{path}: no queries found")
     if limit:  # the whole collection stays: distractors make the task meaningful

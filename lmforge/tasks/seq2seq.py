@@ -12,14 +12,13 @@ positions are -100. Sources are encoded with the tokenizer's template (e.g. `x <
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lmforge.data.corpus import pad_batch
+from lmforge.data.corpus import jsonl_rows, pad_batch
 from lmforge.evaluate import bleu, chrf, rouge
 from lmforge.tasks.classify import length_batches
 from lmforge.tokenizer import Tokenizer
@@ -83,23 +82,14 @@ def read_parallel(spec: str | Path | Sequence[str | Path], src_lang: str | None 
 
 
 def _read_jsonl(path: Path) -> list[Pair]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                raise ValueError(f"{path}:{n}: empty line")
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("source", "target")):
-                raise ValueError(f"{path}:{n}: expected an object with string fields 'source' and 'target'")
-            for k in ("source", "target"):
-                if not row[k].strip():
-                    raise ValueError(f"{path}:{n}: empty {k}")
-            pairs.append(Pair(row["source"], row["target"]))
+    for n, row in jsonl_rows(path, skip_empty=False):
+        if not all(isinstance(row.get(k), str) for k in ("source", "target")):
+            raise ValueError(f"{path}:{n}: expected an object with string fields 'source' and 'target'")
+        for k in ("source", "target"):
+            if not row[k].strip():
+                raise ValueError(f"{path}:{n}: empty {k}")
+        pairs.append(Pair(row["source"], row["target"]))
     return pairs
 
 
