@@ -2,6 +2,7 @@
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,20 @@ import torch
 warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+FIXTURES = Path(__file__).parent / "data"  # small excerpts shipped with the tests (see data/README.md)
+
+
+def full_data(*parts: str) -> Path:
+    """A file of the full data sets, under the folder named by $LMFORGE_DATA (CI: ../shared/data).
+    Without it the calling test is skipped, with the reason printed (tests using it are marked `data`)."""
+    root = os.environ.get("LMFORGE_DATA")
+    if not root:
+        pytest.skip(f"needs the full data set ({'/'.join(parts)}): set LMFORGE_DATA to the data folder "
+                    "(e.g. ../shared/data)")
+    path = Path(root, *parts)
+    if not path.exists():
+        pytest.skip(f"full data set: {path} not found (LMFORGE_DATA={root})")
+    return path
 
 
 def tiny_hf(arch: str, **extra):

@@ -10,7 +10,7 @@ import lmforge
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.models.heads import Model
-from tests.conftest import SHARED_DATA
+from tests.conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def test_contrastive_training_raises_sts_spearman(tmp_path):
     lmforge.save(Model(ModelConfig.preset("bert-tiny", task="embed", vocab_size=tok.vocab_size, pooler=False)),
                  tmp_path / "tiny", tokenizer=tok)
     dev = tmp_path / "dev.csv"
-    lines = open(os.path.join(SHARED_DATA, "stsb", "sts-dev.csv"), encoding="utf-8").read().splitlines()
+    lines = (FIXTURES / "sts-dev-300.csv").read_text(encoding="utf-8").splitlines()
     dev.write_text("\n".join(lines[:200]) + "\n")
-    m = train_embeddings(tmp_path / "tiny", os.path.join(SHARED_DATA, "stsb", "sts-train.csv"), tmp_path / "ft",
+    m = train_embeddings(tmp_path / "tiny", FIXTURES / "sts-train-2000.csv", tmp_path / "ft",
                          dev, steps=60, lr=2e-3, batch_size=32)
     assert m["spearman_after"] > m["spearman_before"] + 0.03
 

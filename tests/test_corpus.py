@@ -8,8 +8,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.data.corpus import (TokenArray, build_token_file, pack_documents, pad_batch, random_windows, read_texts,
                                  sequential_windows)
 from lmforge.tokenizer import Tokenizer, train_tokenizer_from_iterator
+from tests.conftest import FIXTURES
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = FIXTURES / "tinyshakespeare-200k.txt"
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from lmforge.embed import SemanticIndex, cosine, embed
 from lmforge.models.heads import Model
 from lmforge.tasks.retrieval import eval_retrieval, read_retrieval
 from lmforge.tasks.sts import eval_sts, read_sts
-from tests.conftest import SHARED_DATA
+from tests.conftest import FIXTURES, full_data
 
-STS_DEV = os.path.join(SHARED_DATA, "stsb", "sts-dev.csv")
+STS_DEV = FIXTURES / "sts-dev-300.csv"  # the first 300 pairs of STS-B dev
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,12 @@ def test_sts_spearman_matches_sentence_transformers(minilm, sentence_transformer
     assert ours["spearman"] > 0.8
 
 
-@pytest.mark.slow
+@pytest.mark.data
 def test_full_sts_dev_spearman_to_three_decimals(minilm, sentence_transformer):
     from lmforge.evaluate import spearman
     _, model, tok = minilm
-    pairs = read_sts(STS_DEV)
+    pairs = read_sts(full_data("stsb", "sts-dev.csv"))
+    assert len(pairs) == 1500
     a = sentence_transformer.encode([p.a for p in pairs], convert_to_tensor=True, normalize_embeddings=True)
     b = sentence_transformer.encode([p.b for p in pairs], convert_to_tensor=True, normalize_embeddings=True)
     ref = spearman((a * b).sum(-1).tolist(), [p.score for p in pairs])
@@ -113,9 +114,18 @@ def test_ann_search_agrees_with_exact(minilm):
 
 def test_retrieval_eval_on_squad(minilm):
     _, model, tok = minilm
-    q, docs, rel = read_retrieval(os.path.join(SHARED_DATA, "squad-train", "train.json"), limit=150)
+    q, docs, rel = read_retrieval(FIXTURES / "squad-sample.json", limit=150)
     m = eval_retrieval(model, tok, q, docs, rel)
     assert m["queries"] == 150 and 0.4 < m["recall@1"] <= m["recall@10"] <= 1.0 and m["mrr@10"] > 0.5
+
+
+@pytest.mark.data
+def test_retrieval_eval_on_full_squad_articles(minilm):
+    _, model, tok = minilm
+    q, docs, rel = read_retrieval(full_data("squad-train", "train.json"), limit=1000)
+    m = eval_retrieval(model, tok, q, docs, rel)
+    assert m["queries"] >= 1000 and len(docs) > 100
+    assert 0.4 < m["recall@1"] <= m["recall@10"] <= 1.0 and m["mrr@10"] > 0.5
 
 
 def test_cli_embed_index_search(minilm, tmp_path, capsys):

@@ -7,8 +7,9 @@ import torch
 from lmforge.data.noising import (bart_denoise, build_bert_inputs, mask_tokens, nsp_pairs, permute_sentences,
                                   random_spans_noise_mask, span_corruption, text_infilling, word_start_mask)
 from lmforge.tokenizer import Tokenizer
+from tests.conftest import FIXTURES
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = FIXTURES / "tinyshakespeare-200k.txt"
 SPECIAL = {0, 1, 2, 3, 4}  # pad, cls, sep, unk, mask in the synthetic vocabulary below
 PAD, CLS, SEP, MASK, VOCAB = 0, 1, 2, 4, 1000
 

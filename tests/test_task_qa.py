@@ -11,8 +11,9 @@ from lmforge.evaluate import normalize_answer, squad_scores
 from lmforge.tasks.qa import (Question, answer_tokens, best_spans, eval_qa, make_features, predict_qa,
                               read_squad, span_text)
 from lmforge.tokenizer import Tokenizer
+from tests.conftest import FIXTURES, full_data
 
-SQUAD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "squad-train", "train.json")
+SQUAD_SAMPLE = FIXTURES / "squad-sample.json"  # 461 SQuAD v1.1 train questions
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,7 @@ def test_windows_overlap_and_cover_the_answer(tmp_path, tok):
     assert a[-16:] == b[:16]
 
 
-def test_answer_offset_round_trip_on_squad_sample(tok):
-    if not os.path.isfile(SQUAD):
-        pytest.skip("shared SQuAD data not available")
-    questions = random.Random(0).sample(read_squad(SQUAD), 400)
+def _check_answer_offsets(tok, questions):
     feats = make_features(tok, questions, max_len=128, doc_stride=32)
     by_id = {q.id: q for q in questions}
     recovered = set()
@@ -74,6 +72,15 @@ def test_answer_offset_round_trip_on_squad_sample(tok):
         assert normalize_answer(text) == normalize_answer(gold) or gold in text, (q.id, text, gold)
         recovered.add(q.id)
     assert recovered == set(by_id)  # every answer lies whole in some window
+
+
+def test_answer_offset_round_trip_on_squad_sample(tok):
+    _check_answer_offsets(tok, random.Random(0).sample(read_squad(SQUAD_SAMPLE), 400))
+
+
+@pytest.mark.data
+def test_answer_offset_round_trip_on_full_squad_train(tok):
+    _check_answer_offsets(tok, random.Random(0).sample(read_squad(full_data("squad-train", "train.json")), 3000))
 
 
 def test_answer_tokens_partial_token():

@@ -5,8 +5,9 @@ import shutil
 import pytest
 
 from lmforge.tokenizer import Tokenizer, train_tokenizer, train_tokenizer_from_iterator
+from tests.conftest import FIXTURES, full_data
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare/input.txt"
+SHAKESPEARE = FIXTURES / "tinyshakespeare-200k.txt"
 SENTENCES = [
     "First Citizen: Before we proceed any further, hear me speak.",
     "The quick brown fox jumps over the lazy dog.",
@@ -152,3 +153,13 @@ def test_errors_name_the_file(tmp_path, corpus):
         train_tokenizer(corpus, "sentencepiece", 300)
     with pytest.raises(FileNotFoundError, match=r"tokenizer.json.*vocab.txt"):
         Tokenizer.load(tmp_path)
+
+
+@pytest.mark.data
+def test_bpe_round_trips_all_of_tiny_shakespeare():
+    path = full_data("tinyshakespeare", "input.txt")
+    text = path.read_text(encoding="utf-8")
+    tok = train_tokenizer(path, "bpe", 2000, family="decoder")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 2.5  # 2,000 merges compress English well below characters
