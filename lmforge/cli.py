@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge.cli_help import HelpfulParser
+
 
 def _cmd_convert(a) -> int:
     from lmforge import api
@@ -19,8 +21,13 @@ def _cmd_convert(a) -> int:
 
 
 def _cmd_info(a) -> int:
-    from lmforge import api
     from lmforge.config import ModelConfig
+    if a.path not in _presets() and not Path(a.path).exists():
+        try:
+            ModelConfig.preset(a.path)  # fails, listing the presets
+        except ValueError as e:
+            raise FileNotFoundError(f"{a.path}: no such model directory or .gguf file, and {e}") from None
+    from lmforge import api
     from lmforge.models.heads import Model
     if a.path in _presets():
         import torch
@@ -43,25 +50,27 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _cmd_embed(a) -> int:
-    import numpy as np
     from lmforge import api
-    from lmforge.embed import embed
-    model, tok = api.load(a.model)
+    from lmforge.embed import check_embedding_path, embed, write_embeddings
+    check_embedding_path(a.out)  # a wrong extension fails before the input is read or the model loaded
     texts = _read_lines(a.input)
+    model, tok = api.load(a.model)
     vecs = embed(model, tok, texts, batch_size=a.batch_size, normalize=not a.no_normalize,
                  pooling=a.pooling, progress=len(texts) > 1000)
-    out = Path(a.out)
-    if out.suffix == ".npy":
-        np.save(out, vecs.numpy())
-    else:
-        with open(out, "w", encoding="utf-8") as f:
-            for t, v in zip(texts, vecs.tolist()):
-                f.write(json.dumps({"text": t, "embedding": v}, ensure_ascii=False) + "\n")
+    out = write_embeddings(a.out, texts, vecs)
     print(f"wrote {len(texts)} embeddings of dimension {vecs.shape[1]} to {out}")
     return 0
 
 
+def _nonempty(**texts: str) -> None:
+    """Refuse an empty command-line text, naming the argument, before a model is loaded."""
+    for name, text in texts.items():
+        if not text.strip():
+            raise ValueError(f"{name} is empty; give some words to embed")
+
+
 def _cmd_similarity(a) -> int:
+    _nonempty(TEXT_A=a.text_a, TEXT_B=a.text_b)
     from lmforge import api
     from lmforge.embed import embed
     model, tok = api.load(a.model)
@@ -82,6 +91,7 @@ def _cmd_index(a) -> int:
 
 
 def _cmd_search(a) -> int:
+    _nonempty(QUERY=a.query)
     from lmforge import api
     from lmforge.embed import SemanticIndex, embed
     index = SemanticIndex.load(a.index)
@@ -263,12 +273,14 @@ def _cmd_serve(a) -> int:
 
 
 def _presets():
-    from lmforge.config import PRESETS
+    from lmforge.config import PRESETS  # config imports no torch: cheap enough for --help
     return PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge", description="Pretrain, fine-tune and run Transformer language models.")
+    from lmforge import __version__
+    p = HelpfulParser(prog="lmforge", description="Pretrain, fine-tune and run Transformer language models.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("convert", help="convert between Hugging Face, GGUF and lmforge checkpoints")
@@ -278,14 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("info", help="family, parameter count and config of a checkpoint or preset")
-    s.add_argument("path", help="model directory, .gguf file, or preset name")
+    s.add_argument("path", help=f"model directory, .gguf file, or preset name ({', '.join(_presets())})")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_info)
 
     s = sub.add_parser("embed", help="sentence embeddings of a file of texts (one per line, or JSONL)")
     s.add_argument("model")
     s.add_argument("--input", required=True, help="texts: .txt one per line, or .jsonl with a 'text' field")
-    s.add_argument("--out", required=True, help=".npy matrix or .jsonl with text and embedding")
+    s.add_argument("--out", required=True, help="the extension picks the format: .npy matrix, or .jsonl, .csv, "
+                   ".tsv with text and embedding")
     s.add_argument("--pooling", choices=["mean", "cls", "last"], help="default: the model's own")
     s.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     s.add_argument("--batch-size", type=int, default=32)
@@ -388,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `lmforge`: show what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError) as e:

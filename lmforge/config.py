@@ -176,8 +176,12 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """The config of a named preset (`PRESETS`), with `overrides` applied."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+            import difflib
+            close = difflib.get_close_matches(str(name), PRESETS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown preset {name!r}; {hint}available: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
 

@@ -39,10 +39,12 @@ def embed(model: Model, tokenizer, texts: list[str], *, batch_size: int = 32, no
     if isinstance(texts, str):
         raise TypeError("embed() takes a list of texts, not a single string")
     if not texts:
-        raise ValueError("embed(): no texts given")
+        raise ValueError("no texts to embed: texts is an empty list")
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"embed(): text {i} is empty")
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is an empty string (or only whitespace); every text needs some words")
     pooling = pooling or default_pooling(model)
     limit = min(max_length or model.cfg.max_len, model.cfg.max_len)
     encoded = [_truncate(ids, limit, tokenizer) for ids in tokenizer.encode_batch(list(texts))]
@@ -91,6 +93,54 @@ def _progress(total: int, on: bool):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, unit="text", desc="embedding")
+
+
+# The files `write_embeddings` can write, by extension; anything else is refused up front.
+EMBEDDING_FORMATS = {".npy": "a float32 matrix, one row per text (numpy.load)",
+                     ".jsonl": "one JSON object per line: {\"text\": ..., \"embedding\": [...]}",
+                     ".csv": "comma-separated: the text, then one column per dimension (with a header)",
+                     ".tsv": "tab-separated: the text, then one column per dimension (with a header)"}
+
+
+def check_embedding_path(path: str | Path) -> Path:
+    """`path` as a Path if its extension names a format of `EMBEDDING_FORMATS`; else a ValueError
+    naming the extension and the accepted ones (call it before the slow work)."""
+    p = Path(path)
+    if p.suffix.lower() not in EMBEDDING_FORMATS:
+        found = f"extension {p.suffix!r}" if p.suffix else "no extension"
+        raise ValueError(f"{p}: {found}; the output format follows the extension, one of "
+                         f"{', '.join(EMBEDDING_FORMATS)}")
+    return p
+
+
+def write_embeddings(path: str | Path, texts: list[str], vectors: torch.Tensor | np.ndarray) -> Path:
+    """Write (N, d) `vectors` with their `texts` in the format of the file's extension
+    (`EMBEDDING_FORMATS`), in one rename: an interrupted write leaves no partial file."""
+    import csv
+
+    p = check_embedding_path(path)
+    vecs = np.asarray(vectors, dtype=np.float32)
+    if len(texts) != vecs.shape[0]:
+        raise ValueError(f"{len(texts)} texts but {vecs.shape[0]} vectors")
+    suffix = p.suffix.lower()
+
+    def write(tmp: str) -> None:
+        if suffix == ".npy":
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, vecs)
+            return
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if suffix == ".jsonl":
+                for t, v in zip(texts, vecs.tolist()):
+                    f.write(json.dumps({"text": t, "embedding": v}, ensure_ascii=False) + "\n")
+                return
+            w = csv.writer(f, delimiter="," if suffix == ".csv" else "\t", lineterminator="\n")
+            w.writerow(["text"] + [f"e{j}" for j in range(vecs.shape[1])])
+            for t, v in zip(texts, vecs.tolist()):
+                w.writerow([t] + [format(x, ".9g") for x in v])  # 9 digits round-trip a float32
+
+    atomic_write(p, write)
+    return p
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

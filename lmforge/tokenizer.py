@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -188,7 +190,8 @@ _FAMILIES = {
 }
 
 
-def _pipeline(kind: str, family: str, vocab_size: int, min_frequency: int, lowercase: bool, n_sentinels: int):
+def _pipeline(kind: str, family: str, vocab_size: int, min_frequency: int, lowercase: bool, n_sentinels: int,
+              progress: bool = True):
     """An untrained `tokenizers.Tokenizer`, its trainer and the role map for a kind x family."""
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {sorted(_FAMILIES)}")
@@ -202,19 +205,21 @@ def _pipeline(kind: str, family: str, vocab_size: int, min_frequency: int, lower
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     elif kind == "wordpiece":  # BERT
         hf = HFTokenizer(models.WordPiece(unk_token=unk))
         hf.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
         hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         hf.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                            show_progress=progress)
     elif kind == "unigram":  # T5 / SentencePiece
         hf = HFTokenizer(models.Unigram())
         hf.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
         hf.pre_tokenizer = pre_tokenizers.Metaspace()
         hf.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=unk)
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=unk,
+                                          show_progress=progress)
     else:
         raise ValueError(f"kind={kind!r}; expected 'bpe', 'wordpiece' or 'unigram'")
     if lowercase and kind == "bpe":
@@ -231,59 +236,85 @@ def _finish(hf, roles, templates, n_special, vocab_size, kind) -> Tokenizer:
     return Tokenizer(hf, roles)
 
 
-def _check_text_file(path: Path) -> None:
-    """Raise if `path` is missing, empty, binary (NUL bytes) or not UTF-8, naming the file and byte offset."""
+def _say(on: bool, line: str) -> float:
+    """Print a progress line on stderr (plain, so a log file gets it too); returns the time."""
+    if on:
+        print(line, file=sys.stderr, flush=True)
+    return time.time()
+
+
+def check_text_file(path: Path) -> None:
+    """Raise if `path` is missing, empty, binary (NUL bytes) or not UTF-8, naming the file, the line
+    and the byte offset."""
     if not path.is_file():
         raise FileNotFoundError(f"training file {path} does not exist")
-    decoder, offset, content = codecs.getincrementaldecoder("utf-8")(), 0, False
+    decoder, offset, lines, content = codecs.getincrementaldecoder("utf-8")(), 0, 0, False
+    newline = b"\n"
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             if (nul := chunk.find(b"\0")) >= 0:
-                raise ValueError(f"{path} looks binary: NUL byte at offset {offset + nul}")
+                raise ValueError(f"{path} looks binary: NUL byte at offset {offset + nul} "
+                                 f"(line {lines + chunk.count(newline, 0, nul) + 1})")
+            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
             try:
                 content |= bool(decoder.decode(chunk).strip())
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not valid UTF-8 near byte offset {offset + e.start}") from None
+                at = offset - held + e.start
+                line = lines + chunk.count(newline, 0, max(at - offset, 0)) + 1
+                raise ValueError(f"{path} is not valid UTF-8: line {line}, byte offset {at}; "
+                                 f"save it as UTF-8") from None
             offset += len(chunk)
+            lines += chunk.count(newline)
     if pending := decoder.getstate()[0]:  # the file ends inside a multi-byte character
-        raise ValueError(f"{path} is not valid UTF-8: truncated character at byte offset {offset - len(pending)}")
+        raise ValueError(f"{path} is not valid UTF-8: truncated character at byte offset {offset - len(pending)} "
+                         f"(line {lines + 1})")
     if not content:
         raise ValueError(f"training file {path} is empty")
 
 
 def train_tokenizer(files: str | Path | Iterable[str | Path], kind: str, vocab_size: int, family: str = "decoder",
-                    min_frequency: int = 2, lowercase: bool = False, n_sentinels: int = 100) -> Tokenizer:
+                    min_frequency: int = 2, lowercase: bool = False, n_sentinels: int = 100,
+                    progress: bool = True) -> Tokenizer:
     """Train a tokenizer on text files. kind: "bpe" | "wordpiece" | "unigram";
-    family: "decoder" | "encoder" | "encoder-decoder" | "t5" | "bart" picks the special tokens and template."""
+    family: "decoder" | "encoder" | "encoder-decoder" | "t5" | "bart" picks the special tokens and template.
+    progress: a line on stderr before and after (and the trainer's bar on a terminal)."""
     files = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
     if not files:
         raise ValueError("files is empty: no training files given")
     for f in files:
-        _check_text_file(f)
+        check_text_file(f)
     hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase,
-                                                         n_sentinels)
+                                                         n_sentinels, progress)
+    size = sum(f.stat().st_size for f in files)
+    started = _say(progress, f"training a {kind} tokenizer (vocab {vocab_size}) on {len(files)} "
+                             f"file{'s' * (len(files) != 1)} ({size / 1e6:.1f} MB)...")
     try:
         hf.train([str(f) for f in files], trainer)
     except Exception as e:  # e.g. Unigram: "The vocabulary is not large enough to contain all chars"
         raise ValueError(f"training a {kind} tokenizer with vocab_size={vocab_size} failed: {e}") from e
-    return _finish(hf, roles, templates, n_special, vocab_size, kind)
+    tok = _finish(hf, roles, templates, n_special, vocab_size, kind)
+    _say(progress, f"done: {kind} tokenizer with a vocabulary of {tok.vocab_size} in {time.time() - started:.1f} s")
+    return tok
 
 
 def train_tokenizer_from_iterator(texts: Iterable[str], kind: str, vocab_size: int, family: str = "decoder",
-                                  min_frequency: int = 2, lowercase: bool = False, n_sentinels: int = 100) -> Tokenizer:
+                                  min_frequency: int = 2, lowercase: bool = False, n_sentinels: int = 100,
+                                  progress: bool = True) -> Tokenizer:
     """Like `train_tokenizer`, on an iterable of in-memory strings."""
     hf, trainer, roles, templates, n_special = _pipeline(kind, family, vocab_size, min_frequency, lowercase,
-                                                         n_sentinels)
-    seen, failure = [False], []
+                                                         n_sentinels, progress)
+    seen, failure, count = [False], [], [0]
 
     def counted() -> Iterator[str]:
         try:
             for t in texts:
                 seen[0] |= bool(t.strip())
+                count[0] += 1
                 yield t
         except Exception as e:  # the source's own error (missing file, bad UTF-8) is the one to report
             failure.append(e)
             raise
+    started = _say(progress, f"training a {kind} tokenizer (vocab {vocab_size})...")
     try:
         hf.train_from_iterator(counted(), trainer)
     except Exception as e:
@@ -294,4 +325,7 @@ def train_tokenizer_from_iterator(texts: Iterable[str], kind: str, vocab_size: i
         raise ValueError(f"training a {kind} tokenizer with vocab_size={vocab_size} failed: {e}") from e
     if not seen[0]:
         raise ValueError("texts is empty: nothing to train on")
-    return _finish(hf, roles, templates, n_special, vocab_size, kind)
+    tok = _finish(hf, roles, templates, n_special, vocab_size, kind)
+    _say(progress, f"done: {kind} tokenizer with a vocabulary of {tok.vocab_size} from {count[0]:,} texts "
+                   f"in {time.time() - started:.1f} s")
+    return tok

@@ -152,7 +152,7 @@ def test_bad_input(minilm, tmp_path, capsys):
     holes.write_text("one\n\nthree\n")
     assert main(["index", "build", path, "--docs", str(holes), "--out", str(tmp_path / "i")]) == 2
     assert "holes.txt:2: empty line" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="text 1 is empty"):
+    with pytest.raises(ValueError, match=r"texts\[1\] is an empty string"):
         embed(model, tok, ["fine", "  "])
     dec = tmp_path / "dec"
     lmforge.save(Model(ModelConfig.preset("gpt-tiny")), dec)
@@ -162,3 +162,24 @@ def test_bad_input(minilm, tmp_path, capsys):
     bad.write_text("a\tb\n")
     with pytest.raises(ValueError, match="bad.tsv:1"):
         read_sts(bad)
+
+
+def test_cli_embed_output_follows_the_extension(minilm, tmp_path, capsys):
+    import csv
+    path, model, tok = minilm
+    texts = ["A man is playing a guitar.", 'She said "hi", then left.\tTabbed.']
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for ext in (".npy", ".jsonl", ".csv", ".tsv"):
+        assert main(["embed", path, "--input", str(docs), "--out", str(tmp_path / f"e{ext}")]) == 0
+    ref = np.load(tmp_path / "e.npy")
+    assert ref.shape == (2, 384) and np.allclose(ref, embed(model, tok, texts).numpy(), atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == texts and np.allclose([r["embedding"] for r in rows], ref)
+    for ext, delimiter in ((".csv", ","), (".tsv", "\t")):
+        with open(tmp_path / f"e{ext}", newline="", encoding="utf-8") as f:
+            header, *body = list(csv.reader(f, delimiter=delimiter))
+        assert header[:2] == ["text", "e0"] and len(header) == 385
+        assert [r[0] for r in body] == texts
+        assert np.array_equal(np.array([r[1:] for r in body], dtype=np.float32), ref)  # 9 digits: exact float32
+    assert not list(tmp_path.glob(".e*.tmp"))  # no temporary file left behind

@@ -127,6 +127,21 @@ def test_load_dict_valued_special_tokens(corpus, tmp_path):
     assert loaded.special_tokens == {"eos": "</s>", "pad": "<pad>"}
 
 
+def test_training_prints_progress_lines(tmp_path, capsys):
+    corpus = tmp_path / "sentences.txt"
+    corpus.write_text("\n".join(SENTENCES * 20), encoding="utf-8")
+    tok = train_tokenizer(corpus, "bpe", 300)
+    err = capsys.readouterr().err
+    assert "training a bpe tokenizer (vocab 300) on 1 file (" in err
+    assert f"done: bpe tokenizer with a vocabulary of {tok.vocab_size} in" in err
+    train_tokenizer_from_iterator(SENTENCES, "wordpiece", 300, family="encoder")
+    err = capsys.readouterr().err
+    assert "training a wordpiece tokenizer (vocab 300)..." in err
+    assert f"from {len(SENTENCES):,} texts in" in err
+    train_tokenizer(corpus, "unigram", 300, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_errors_name_the_file(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train_tokenizer(tmp_path / "nope.txt", "bpe", 300)

@@ -314,25 +314,33 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> t
 
 
 def read_lines(path: str | Path, skip_empty: bool = False) -> list[str]:
-    """One text per line (.txt) or per JSON object with a "text" field (.jsonl). An empty line is
-    an error naming file and line unless skip_empty; an empty file is always an error."""
+    """One text per line (.txt) or per JSON object with a "text" field (.jsonl). An empty line (or
+    empty "text") is an error naming file and line unless skip_empty; an empty file is always an
+    error, and so is one that is not UTF-8 (naming the line and byte offset)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found")
     texts = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                if skip_empty:
-                    continue
-                raise ValueError(f"{p}:{n}: empty line")
-            if p.suffix == ".jsonl":
-                try:
-                    line = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
-            texts.append(line)
+    try:
+        with open(p, encoding="utf-8") as f:
+            for n, raw in enumerate(f, 1):
+                line = raw.rstrip("\r\n")
+                if p.suffix == ".jsonl" and line.strip():
+                    try:
+                        line = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        line = None
+                    if not isinstance(line, str):
+                        raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' string")
+                if not line.strip():
+                    if skip_empty:
+                        continue
+                    raise ValueError(f"{p}:{n}: empty {'line' if not raw.strip() else repr('text')}")
+                texts.append(line)
+    except UnicodeDecodeError:
+        from lmforge.tokenizer import check_text_file
+        check_text_file(p)  # raises, naming the file, line and byte offset
+        raise
     if not texts:
         raise ValueError(f"{p} is empty")
     return texts
