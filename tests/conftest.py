@@ -10,7 +10,7 @@ import torch
 warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FIXTURES = Path(__file__).parent / "data"  # small excerpts shipped with the tests (see data/README.md)
+FIXTURES = Path(__file__).parent / "fixtures"  # small excerpts shipped with the tests (see fixtures/README.md)
 
 
 def full_data(*parts: str) -> Path:
