@@ -146,3 +146,44 @@ def test_chained_filters_leave_a_distribution(x, temperature, k, p, min_p):
     assert _is_distribution(out)
     assert torch.isfinite(out).sum() >= 1
     assert torch.isfinite(min_p_filter(x, min_p)).sum() >= 1
+
+
+@st.composite
+def small_configs(draw):
+    """Random small decoder or encoder-decoder configs across positions, norms, activations and GQA."""
+    from lmforge import ModelConfig
+    heads = draw(st.sampled_from([2, 4]))
+    kv = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+    enc_dec = draw(st.booleans())
+    position = draw(st.sampled_from(["learned", "sinusoidal", "rope"] + (["relative"] if enc_dec else [])))
+    return ModelConfig(
+        family="encoder-decoder" if enc_dec else "decoder", vocab_size=53, d_model=8 * heads, n_heads=heads,
+        n_kv_heads=kv, n_encoder_layers=draw(st.integers(1, 2)) if enc_dec else 0,
+        n_decoder_layers=draw(st.integers(1, 3)), d_ff=draw(st.integers(8, 40)), max_len=64, position=position,
+        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])), norm_placement=draw(st.sampled_from(["pre", "post"])),
+        activation=draw(st.sampled_from(["gelu", "relu", "swiglu"])), bias=draw(st.booleans()),
+        tie_embeddings=draw(st.booleans()), pad_id=0, decoder_start_id=0 if enc_dec else None)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cfg=small_configs(), seed=st.integers(0, 2**16), prompt_len=st.integers(1, 10), new=st.integers(1, 12))
+def test_cached_decoding_equals_recomputing_everything(cfg, seed, prompt_len, new):
+    from lmforge import Model
+    from lmforge.generate import generate
+    torch.manual_seed(seed)
+    model = Model(cfg).eval()
+    with torch.no_grad():  # larger random weights, so that the argmax is decisive
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    prompt = torch.randint(1, 53, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    cached = generate(model, prompt, max_new_tokens=new).tolist()[0]
+    seq = [] if cfg.family == "encoder-decoder" else prompt[0].tolist()
+    out = []
+    with torch.no_grad():
+        for _ in range(new):  # no cache: the whole sequence through the model at every step
+            if cfg.family == "encoder-decoder":
+                logits = model(prompt, decoder_input_ids=torch.tensor([[0] + out]))
+            else:
+                logits = model(torch.tensor([seq + out]))
+            out.append(int(logits[0, -1].argmax()))
+    assert cached == out
