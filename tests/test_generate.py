@@ -395,3 +395,54 @@ def test_kv_cache_reorder_copies_the_written_positions():
     for got, w in zip(cache.kv, want):
         assert got.shape == (2, 4, 3, 6, 4) and torch.equal(got[:, :, :, :4], w[:, grow])
     assert cache.cross[0][0].shape[0] == 4  # cross k/v followed the first reorder only
+
+
+# ---- weights changed between generations --------------------------------------------------------
+def _change_data(m):
+    w = m.backbone.decoder.layers[0].ff.up.weight
+    w.data = torch.randn_like(w) * 2  # a new tensor: neither id() nor _version of the parameter changes
+
+
+def _change_copy(m):
+    with torch.no_grad():
+        m.backbone.decoder.layers[0].ff.up.weight.copy_(torch.randn(m.backbone.decoder.layers[0].ff.up.weight.shape) * 2)
+
+
+def _change_state_dict(m):
+    m.load_state_dict({k: torch.randn_like(v) * 2 if "layers.0.attn.q." in k or "layers.0.ff.up" in k else v
+                       for k, v in m.state_dict().items()})
+
+
+def _change_optimizer_step(m):
+    opt = torch.optim.SGD(m.parameters(), lr=5.0)
+    m(torch.tensor([[5, 6, 7, 8, 9, 10]])).pow(2).mean().backward()
+    opt.step()
+
+
+def _change_module(m):
+    from lmforge.nn.linear import Linear
+    q = m.backbone.decoder.layers[0].attn.q
+    m.backbone.decoder.layers[0].attn.q = new = Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    torch.nn.init.normal_(new.weight, std=2.0)
+
+
+@pytest.mark.parametrize("change", [_change_data, _change_copy, _change_state_dict, _change_optimizer_step,
+                                    _change_module])
+def test_the_next_generation_sees_every_change_of_a_weight(change):
+    """Each generation lays the small weights out anew (RowBlocks): whichever way a weight
+    changes, the next generation gives what a freshly loaded model with those weights gives."""
+    from lmforge.generate.state import DecoderState
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("gpt-tiny", vocab_size=64)).eval()
+    prompt = [[5, 6, 7, 8]]
+    before = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    state, _ = DecoderState.prefill(model, torch.tensor(prompt), None, 2)
+    state.step(torch.tensor([9]))
+    assert len(state.cache.blocks) > 0  # the decoding steps ran through the laid-out weights
+    change(model)
+    model.eval()
+    fresh = Model(model.cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    after = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    assert after == generate(fresh, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    assert after != before  # the change mattered

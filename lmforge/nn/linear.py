@@ -93,6 +93,10 @@ class RowBlocks:
         self.parts = parts if parts is not None else torch.get_num_threads()
         self._blocks: dict[tuple[int, ...], tuple] = {}  # ids of the modules → (W blocks, b blocks, shape)
 
+    def __len__(self) -> int:
+        """How many weights (or stacks of weights) have been laid out."""
+        return len(self._blocks)
+
     def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
         """x [W_1; W_2; ...]^T + [b_1; b_2; ...] of plain `Linear` modules, or None when this is
         not for RowBlocks (another module such as LoRA's, another dtype or device, gradients,
