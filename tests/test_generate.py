@@ -446,3 +446,19 @@ def test_the_next_generation_sees_every_change_of_a_weight(change):
     after = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
     assert after == generate(fresh, prompt, max_new_tokens=12, eos_ids=[]).tolist()
     assert after != before  # the change mattered
+
+
+def test_context_errors_and_clipping_speak_of_the_option_at_fault(pairs):
+    from lmforge.generate import fit_to_context
+    _, ours = pairs("gpt2")  # max_len 64
+    with pytest.raises(ValueError, match="max_new_tokens=500 does not fit the model's context of 64") as e:
+        generate(ours, [[5]], max_new_tokens=500)
+    assert "prompt of 1" not in str(e.value)
+    config = GenerationConfig(max_new_tokens=500)
+    clipped, note = fit_to_context(ours, 10, config)
+    assert clipped.max_new_tokens == 54 and "500 -> 54" in note
+    assert fit_to_context(ours, 10, GenerationConfig(max_new_tokens=20)) == (GenerationConfig(max_new_tokens=20), None)
+    with pytest.raises(ValueError, match="prompt of 100 tokens does not fit.*truncate=True .--truncate"):
+        fit_to_context(ours, 100, config)
+    assert fit_to_context(ours, 100, config.replace(truncate=True))[0].max_new_tokens == 32
+    assert len(generate(ours, [[5] * 10], config=clipped, eos_ids=[]).tolist()[0]) == 54

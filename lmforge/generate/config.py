@@ -3,7 +3,8 @@
 The Python API (`generate(model, ids, config=...)` or the same options as keywords),
 `api.generate_text`, the CLI (one flag per field, `lmforge.cli`) and the server (one
 request field per option, `lmforge.serve`) all take these fields, with these defaults and
-this validation. Each field's help text lives in its metadata.
+this validation. Each field's help text lives in its metadata. Importing this module does
+not import torch (the CLI builds its flags from it).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from lmforge.generate.filters import SamplingParams
+if TYPE_CHECKING:
+    from lmforge.generate.filters import SamplingParams
 
 STRATEGIES = ("greedy", "sample", "beam")
 DEFAULT_BEAMS = 4
@@ -31,7 +33,7 @@ class GenerationConfig:
     strategy: Literal["greedy", "sample", "beam"] = field(
         default="greedy", metadata=_help("greedy (argmax), sample, or beam search"))
     num_beams: int | None = field(
-        default=None, metadata=_help(f"beams of strategy beam (none: {DEFAULT_BEAMS})"))
+        default=None, metadata=_help(f"beams of strategy beam; none means {DEFAULT_BEAMS}"))
     length_penalty: float = field(
         default=1.0, metadata=_help("beam: a finished answer scores sum(log p) / length**length_penalty"))
     early_stopping: bool | Literal["never"] = field(
@@ -49,7 +51,7 @@ class GenerationConfig:
         default=1.0, metadata=_help("penalise tokens already in the text (1: off; CTRL's 1.2)"))
     no_repeat_ngram_size: int = field(default=0, metadata=_help("never repeat an n-gram of this size (0: off)"))
     min_new_tokens: int = field(default=0, metadata=_help("no EOS before this many new tokens"))
-    seed: int | None = field(default=None, metadata=_help("random seed of strategy sample"))
+    seed: int | None = field(default=None, metadata=_help("random seed of strategy sample; none: a fresh one each time"))
     stop: tuple[str, ...] = field(default=(), metadata=_help("stop string: the answer ends before it (repeatable)"))
     prompt_lookup: int = field(
         default=0, metadata=_help("greedy: guess this many tokens ahead from the prompt and check them in one "
@@ -103,6 +105,7 @@ class GenerationConfig:
     @property
     def sampling(self) -> SamplingParams:
         """The logits filters these options ask for (penalties; warpers when sampling)."""
+        from lmforge.generate.filters import SamplingParams  # torch, loaded when generating
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repetition_penalty=self.repetition_penalty,
                               no_repeat_ngram_size=self.no_repeat_ngram_size).validate(self.strategy == "sample")

@@ -101,14 +101,17 @@ def fit_to_context(model, prompt_len: int, config: GenerationConfig) -> tuple[Ge
     `prompt_len` tokens, and a one-line note saying so (None when nothing changed).
 
     A decoder-only prompt keeps its tokens: the answer gets the rest of the context. With
-    truncate=True a long prompt gives up its first tokens down to half the context. A prompt
-    that fills the context without truncate is left to `prepare_prompts` to refuse."""
+    truncate=True a long prompt gives up its first tokens down to half the context; without
+    it, a prompt that fills the context is a ValueError."""
     cfg, n = model.cfg, config.max_new_tokens
     _check_lm(cfg)
     if cfg.family == "decoder":
         room = cfg.max_len - prompt_len
         if config.truncate:
             room = max(room, cfg.max_len // 2)
+        elif room < 1:
+            raise ValueError(f"the prompt of {prompt_len} tokens does not fit the model's context of "
+                             f"{cfg.max_len} tokens; {TRUNCATE_HINT}")
     else:
         room = cfg.max_len - 1  # the decoder's start token takes one position
     if room < 1 or n <= room:
