@@ -166,46 +166,14 @@ def _int8_arg(s) -> None:
 
 
 def _generation_args(s, **defaults) -> None:
-    """One flag per `GenerationConfig` field (--max-new-tokens, --top-k, --truncate, ...) with its
-    help and default; `defaults` overrides a field's default for this command."""
-    import dataclasses
-    import typing
-
-    from lmforge.generate.config import GenerationConfig
-    hints = typing.get_type_hints(GenerationConfig)
-    for f in dataclasses.fields(GenerationConfig):
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = defaults.get(f.name, f.default)
-        text = f.metadata["help"] + " (default: %(default)s)"
-        args = typing.get_args(kind)
-        if kind is bool:
-            s.add_argument(flag, action="store_true", help=text)
-        elif "choices" in f.metadata:
-            s.add_argument(flag, type=_choice(f.metadata["choices"]), choices=f.metadata["choices"],
-                           default=default, help=text)
-        elif typing.get_origin(kind) is typing.Literal:
-            s.add_argument(flag, choices=args, default=default, help=text)
-        elif typing.get_origin(kind) is tuple:
-            s.add_argument(flag, action="append", default=None, metavar="TEXT", help=f.metadata["help"])
-        else:
-            number = int if int in (kind, *args) else float
-            s.add_argument(flag, type=number, default=default, metavar="N" if number is int else "X", help=text)
-
-
-def _choice(choices):
-    """argparse type: the choice whose text is the argument ("true" → True), else the text."""
-    def parse(text: str):
-        return next((c for c in choices if str(c).lower() == text.lower()), text)
-    return parse
+    """One flag per GenerationConfig field; `defaults` overrides a field's default here."""
+    from lmforge.generate.config import add_arguments
+    add_arguments(s, **defaults)
 
 
 def _gen_config(a):
-    """The GenerationConfig of the parsed generation flags."""
-    import dataclasses
-
-    from lmforge.generate.config import GenerationConfig
-    return GenerationConfig(**{f.name: getattr(a, f.name) or () if f.name == "stop" else getattr(a, f.name)
-                               for f in dataclasses.fields(GenerationConfig)})
+    from lmforge.generate.config import from_arguments
+    return from_arguments(a)
 
 
 def _fit(model, tok, prompt: str, config):

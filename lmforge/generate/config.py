@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -135,3 +136,40 @@ FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 def _count(name: str, value, least: int, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} must be an int >= {least}{' ' + note if note else ''}, got {value!r}")
+
+
+# ---- the command line: one flag per field ---------------------------------------------------------
+def add_arguments(parser, **defaults) -> None:
+    """Add one argparse flag per field (--max-new-tokens, --top-k, --truncate, ...) with its help
+    and default; `defaults` overrides a field's default for this command."""
+    hints = typing.get_type_hints(GenerationConfig)
+    for f in dataclasses.fields(GenerationConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = defaults.get(f.name, f.default)
+        text = f.metadata["help"] + " (default: %(default)s)"
+        args = typing.get_args(kind)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        elif "choices" in f.metadata:
+            parser.add_argument(flag, type=_choice(f.metadata["choices"]), choices=f.metadata["choices"],
+                                default=default, help=text)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=args, default=default, help=text)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, action="append", default=None, metavar="TEXT", help=f.metadata["help"])
+        else:
+            number = int if int in (kind, *args) else float
+            parser.add_argument(flag, type=number, default=default, metavar="N" if number is int else "X", help=text)
+
+
+def from_arguments(namespace) -> GenerationConfig:
+    """The GenerationConfig of flags parsed after `add_arguments`."""
+    return GenerationConfig(**{name: getattr(namespace, name) or () if name == "stop" else getattr(namespace, name)
+                               for name in FIELDS})
+
+
+def _choice(choices):
+    """argparse type: the choice whose text is the argument ("true" → True), else the text."""
+    def parse(text: str):
+        return next((c for c in choices if str(c).lower() == text.lower()), text)
+    return parse
