@@ -69,10 +69,9 @@ def run_hf(model, ids, n, kw):
 
 
 def run_ours(model, ids, n, kw):
-    from lmforge.generate import SamplingParams, generate
+    from lmforge.generate import generate
     if "top_k" in kw:
-        return generate(model, ids, max_new_tokens=n, strategy="sample", sampling=SamplingParams(top_k=kw["top_k"]),
-                        eos_ids=[], seed=0)
+        return generate(model, ids, max_new_tokens=n, strategy="sample", top_k=kw["top_k"], eos_ids=[], seed=0)
     if "num_beams" in kw:
         return generate(model, ids, max_new_tokens=n, strategy="beam", num_beams=kw["num_beams"], eos_ids=[])
     return generate(model, ids, max_new_tokens=n, eos_ids=[])

@@ -86,29 +86,22 @@ def chat_prompt(tokenizer: Tokenizer, messages: list[dict]) -> str:
                        bos_token=token(tokenizer.bos_id), eos_token=token(tokenizer.eos_id))
 
 
-def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 64,
-                  strategy: str = "greedy", num_beams: int = 4, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                  no_repeat_ngram_size: int = 0, seed: int | None = None, stop: list[str] | tuple = (),
-                  stream: bool = False, truncate: bool = False, prompt_lookup: int = 0):
+def generate_text(model: Model, tokenizer: Tokenizer, prompt: str, config=None, *, stream: bool = False,
+                  **options):
     """Text in, text out: the continuation of `prompt` (the target for an encoder-decoder's source).
-    With stream=True, an iterator of text pieces (greedy or sampling). prompt_lookup=k: greedy
-    decoding that guesses k tokens ahead from the prompt (same text, faster when it repeats)."""
-    from lmforge.generate import SamplingParams, generate, stream_text
+
+    config: a `lmforge.generate.GenerationConfig`, or its fields as keywords (max_new_tokens=64,
+    strategy="greedy", temperature, top_k, top_p, stop, truncate, prompt_lookup, ...). With
+    stream=True, an iterator of text pieces (greedy or sampling)."""
+    from lmforge.generate import GenerationConfig, generate, stream_text
     if tokenizer is None:
         raise ValueError("text generation needs a tokenizer saved with the model")
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty)
+    config = GenerationConfig.of(config, **options)
     if stream:
-        if strategy == "beam":
+        if config.strategy == "beam":
             raise ValueError("streaming works with strategy 'greedy' or 'sample', not 'beam'")
-        return stream_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, strategy=strategy,
-                           sampling=sampling, seed=seed, stop_strings=stop,
-                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate, prompt_lookup=prompt_lookup)
+        return stream_text(model, tokenizer, prompt, config)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt is empty")
-    out = generate(model, [tokenizer.encode(prompt)], max_new_tokens=max_new_tokens, strategy=strategy,
-                   sampling=sampling, num_beams=num_beams if strategy == "beam" else 1,
-                   no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, stop_strings=stop,
-                   tokenizer=tokenizer, truncate=truncate, prompt_lookup=prompt_lookup)
-    return out.texts[0]
+    return generate(model, [tokenizer.encode(prompt)], config=config, tokenizer=tokenizer).texts[0]
+

@@ -175,47 +175,48 @@ def _int8_arg(s) -> None:
                    help="int8 weights (per-channel scales) for faster CPU inference; logits move by a few %%")
 
 
-def _sampling_args(s) -> None:
-    s.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
-    s.add_argument("--num-beams", type=int, default=4)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                   help="greedy: guess K tokens ahead from the prompt, check them in one step (same text)")
+def _generation_args(s, **defaults) -> None:
+    """One flag per GenerationConfig field; `defaults` overrides a field's default here."""
+    from lmforge.generate.config import add_arguments
+    add_arguments(s, **defaults)
 
 
-def _gen_kwargs(a) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, strategy=a.strategy, num_beams=a.num_beams, top_k=a.top_k,
-                top_p=a.top_p, min_p=a.min_p, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
-                no_repeat_ngram_size=a.no_repeat_ngram_size, seed=a.seed, stop=a.stop, prompt_lookup=a.prompt_lookup)
+def _gen_config(a):
+    from lmforge.generate.config import from_arguments
+    return from_arguments(a)
+
+
+def _fit(model, tok, prompt: str, config):
+    """config with max_new_tokens clipped to the model's context beside `prompt`, and the note."""
+    from lmforge.generate import fit_to_context
+    if tok is None:
+        raise ValueError("text generation needs a tokenizer saved with the model")
+    return fit_to_context(model, len(tok.encode(prompt)), config)
 
 
 def _cmd_generate(a) -> int:
     from lmforge import api
     model, tok = api.load(a.model, int8=a.int8)
     prompt = api.chat_prompt(tok, [{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
-    kw = {**_gen_kwargs(a), "truncate": a.truncate}
+    config, note = _fit(model, tok, prompt, _gen_config(a))
+    if note:
+        print(note, file=sys.stderr)
     if a.stream:
-        for piece in api.generate_text(model, tok, prompt, stream=True, **kw):
+        for piece in api.generate_text(model, tok, prompt, config=config, stream=True):
             print(piece, end="", flush=True)
         print()
     else:
-        print(api.generate_text(model, tok, prompt, **kw))
+        print(api.generate_text(model, tok, prompt, config=config))
     return 0
 
 
 def _cmd_chat(a) -> int:
     from lmforge import api
     model, tok = api.load(a.model, int8=a.int8)
+    wanted = _gen_config(a)
     history = [{"role": "system", "content": a.system}] if a.system else []
     print("chat with the model; /reset clears the history, /quit or Ctrl-D leaves")
+    noted = False
     while True:
         try:
             line = input("> ").strip()
@@ -230,8 +231,19 @@ def _cmd_chat(a) -> int:
         if not line:
             continue
         history.append({"role": "user", "content": line})
+        prompt = api.chat_prompt(tok, history)
+        try:
+            config, note = _fit(model, tok, prompt, wanted)
+            if note and not noted:  # once: the room left shrinks as the history grows
+                print(note, file=sys.stderr)
+                noted = True
+            pieces = api.generate_text(model, tok, prompt, config=config, stream=True)
+        except ValueError as e:  # e.g. the history no longer fits: say so, keep the session
+            print(f"lmforge chat: error: {e}; /reset clears the history", file=sys.stderr)
+            history.pop()
+            continue
         reply = ""
-        for piece in api.generate_text(model, tok, api.chat_prompt(tok, history), stream=True, **_gen_kwargs(a)):
+        for piece in pieces:
             reply += piece
             print(piece, end="", flush=True)
         print()
@@ -362,17 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    s.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
     _int8_arg(s)
-    _sampling_args(s)
+    _generation_args(s)
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat with streaming output and history")
     s.add_argument("model", help="model directory or .gguf file")
     s.add_argument("--system", help="system message")
     _int8_arg(s)
-    _sampling_args(s)
-    s.set_defaults(fn=_cmd_chat, max_new_tokens=256)
+    _generation_args(s, max_new_tokens=256)
+    s.set_defaults(fn=_cmd_chat)
 
     s = sub.add_parser("finetune", help="fine-tune on labelled data: classify, qa or seq2seq")
     s.add_argument("--task", required=True, choices=["classify", "qa", "seq2seq"])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lmforge.nn.layers import fast_linear
+from lmforge.nn.linear import fast_linear
 
 # Short names → the module-name suffixes they match. "q" alone adapts self- and cross-attention.
 TARGETS = ("q", "k", "v", "o", "attn.q", "attn.k", "attn.v", "attn.o", "cross.q", "cross.k", "cross.v",

@@ -3,6 +3,9 @@
     lmforge serve MODEL [--host 127.0.0.1] [--port 8000]
 
 Endpoints: GET /health; POST /v1/generate; POST /v1/chat/completions; POST /v1/embeddings.
+Generation requests take every `GenerationConfig` option by its name (/v1/generate:
+{"prompt": ..., "max_new_tokens": 64, "no_repeat_ngram_size": 3, "truncate": true, ...});
+chat also takes OpenAI's max_tokens, and a temperature > 0 there means sampling.
 It reuses the same generation functions as the CLI and the Python API. Requests are
 served one at a time (a lock around the model): CPU inference is compute bound.
 """
@@ -13,7 +16,28 @@ import threading
 import time
 import uuid
 
+import dataclasses
+import typing
+
 from lmforge import api
+from lmforge.generate.config import FIELDS, GenerationConfig
+
+
+def request_model(name: str, defaults: dict | None = None, **extra):
+    """A pydantic request model with one field per `GenerationConfig` option (its type, its
+    default or `defaults[name]`, its help as the description) plus `extra` fields
+    (name=(type, default)). Values are checked by GenerationConfig itself."""
+    from pydantic import Field, create_model
+    defaults, hints = defaults or {}, typing.get_type_hints(GenerationConfig)
+    fields = {}
+    for f in dataclasses.fields(GenerationConfig):
+        default = defaults.get(f.name, f.default)
+        kind = hints[f.name] if default is not None or f.default is None else hints[f.name] | None
+        if typing.get_origin(kind) is tuple:
+            kind = list[str]
+            default = list(default)
+        fields[f.name] = (kind, Field(default, description=f.metadata["help"]))
+    return create_model(name, **fields, **extra)
 
 
 def create_app(model_dir: str, int8: bool = False):
@@ -21,7 +45,7 @@ def create_app(model_dir: str, int8: bool = False):
     try:
         from fastapi import FastAPI, HTTPException
         from fastapi.responses import StreamingResponse
-        from pydantic import BaseModel, Field
+        from pydantic import BaseModel
     except ImportError as e:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
 
@@ -31,48 +55,27 @@ def create_app(model_dir: str, int8: bool = False):
     lock = threading.Lock()
     app = FastAPI(title="lmforge", version="0.1.0")
 
-    class GenerateRequest(BaseModel):
-        prompt: str
-        max_new_tokens: int = 64
-        strategy: str = "greedy"
-        num_beams: int = 4
-        temperature: float = 1.0
-        top_k: int = 0
-        top_p: float = 1.0
-        min_p: float = 0.0
-        repetition_penalty: float = 1.0
-        seed: int | None = None
-        stop: list[str] = Field(default_factory=list)
-        stream: bool = False
-        prompt_lookup: int = 0
-
-    class ChatRequest(BaseModel):
-        messages: list[dict]
-        max_tokens: int = 256
-        temperature: float = 0.0
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = None
-        stream: bool = False
-        stop: list[str] = Field(default_factory=list)
+    GenerateRequest = request_model("GenerateRequest", prompt=(str, ...), stream=(bool, False))
+    # OpenAI's chat: max_tokens (256), temperature 0 → greedy, > 0 → sampling (unless strategy says)
+    ChatRequest = request_model("ChatRequest", {"max_new_tokens": 256, "temperature": 0.0, "strategy": None},
+                                messages=(list[dict], ...), stream=(bool, False), max_tokens=(int | None, None))
 
     class EmbeddingsRequest(BaseModel):
         input: list[str] | str
         normalize: bool = True
 
-    def options(r) -> dict:
-        return dict(max_new_tokens=r.max_new_tokens, strategy=r.strategy, num_beams=r.num_beams,
-                    temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                    repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop, prompt_lookup=r.prompt_lookup)
+    def generation(r) -> GenerationConfig:
+        """The request's GenerationConfig (ValueError → 400 naming the field)."""
+        options = {k: getattr(r, k) for k in FIELDS}
+        if isinstance(r, ChatRequest):
+            if r.max_tokens is not None:
+                options["max_new_tokens"] = r.max_tokens
+            if options["strategy"] is None:
+                options["strategy"] = "sample" if r.temperature > 0 else "greedy"
+        return GenerationConfig(**options)
 
-    def run(prompt, stream, **kw):
-        return api.generate_text(model, tok, prompt, stream=stream, **kw)
-
-    def chat_options(r) -> dict:
-        sampling = r.temperature > 0
-        return dict(max_new_tokens=r.max_tokens, strategy="sample" if sampling else "greedy",
-                    temperature=r.temperature if sampling else 1.0, top_p=r.top_p, top_k=r.top_k,
-                    seed=r.seed, stop=r.stop)
+    def run(prompt, stream, config):
+        return api.generate_text(model, tok, prompt, config, stream=stream)
 
     def sse(chunks):
         for c in chunks:
@@ -91,10 +94,10 @@ def create_app(model_dir: str, int8: bool = False):
     def generate(r: GenerateRequest):
         try:
             if r.stream:
-                it = run(r.prompt, True, **options(r))
+                it = run(r.prompt, True, generation(r))
                 return StreamingResponse(sse({"text": d} for d in locked(it)), media_type="text/event-stream")
             with lock:
-                text = run(r.prompt, False, **options(r))
+                text = run(r.prompt, False, generation(r))
             return {"text": text}
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
@@ -105,12 +108,12 @@ def create_app(model_dir: str, int8: bool = False):
             prompt = api.chat_prompt(tok, r.messages)
             rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
             if r.stream:
-                it = run(prompt, True, **chat_options(r))
+                it = run(prompt, True, generation(r))
                 chunks = ({"id": rid, "object": "chat.completion.chunk", "created": created,
                            "choices": [{"index": 0, "delta": {"content": d}}]} for d in locked(it))
                 return StreamingResponse(sse(chunks), media_type="text/event-stream")
             with lock:
-                text = run(prompt, False, **chat_options(r))
+                text = run(prompt, False, generation(r))
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_dir,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "stop"}]}

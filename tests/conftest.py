@@ -85,3 +85,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory):
+    """A small random decoder LM with a trained BPE tokenizer, saved as an lmforge directory;
+    its context is 128 tokens (like the main job's model)."""
+    import lmforge
+    from lmforge.config import ModelConfig
+    from lmforge.models.heads import Model
+    from lmforge.tokenizer import train_tokenizer_from_iterator
+    tok = train_tokenizer_from_iterator([f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)],
+                                        kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    model = Model(ModelConfig(family="decoder", vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_decoder_layers=2,
+                              d_ff=64, max_len=128, eos_id=tok.eos_id, bos_id=tok.bos_id))
+    out = tmp_path_factory.mktemp("tiny_text_model")
+    lmforge.save(model, out, tokenizer=tok)
+    return out

@@ -1,4 +1,5 @@
-"""The `lmforge` command end to end: the main job (shortened), generation, embedding training, the server."""
+"""The `lmforge` command end to end: the main job (shortened), generation, embedding training
+(the server: test_serve.py)."""
 
 import json
 import os
@@ -68,27 +69,6 @@ def test_contrastive_training_raises_sts_spearman(tmp_path):
     m = train_embeddings(tmp_path / "tiny", FIXTURES / "sts-train-2000.csv", tmp_path / "ft",
                          dev, steps=60, lr=2e-3, batch_size=32)
     assert m["spearman_after"] > m["spearman_before"] + 0.03
-
-
-def test_server_generate_and_embeddings(pretrained):
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-    from lmforge.serve import create_app
-    client = TestClient(create_app(str(pretrained / "model")))
-    assert client.get("/health").json()["status"] == "ok"
-    r = client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5})
-    assert r.status_code == 200 and isinstance(r.json()["text"], str)
-    s = client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5, "stream": True})
-    pieces = [json.loads(line[6:])["text"] for line in s.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    assert "".join(pieces) == r.json()["text"]
-    p = client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5, "prompt_lookup": 3})
-    assert p.json()["text"] == r.json()["text"]
-    assert client.post("/v1/generate", json={"prompt": "The", "top_p": 2.0}).status_code == 400
-    c = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-    assert c.status_code == 200 and c.json()["choices"][0]["message"]["role"] == "assistant"
-    e = client.post("/v1/embeddings", json={"input": ["a", "b"]})
-    assert len(e.json()["data"]) == 2
 
 
 def test_chat_repl_keeps_history(pretrained, monkeypatch, capsys):

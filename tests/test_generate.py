@@ -6,7 +6,7 @@ import torch
 import transformers as T
 
 from lmforge.config import ModelConfig
-from lmforge.generate import SamplingParams, beam_search, generate, stream_text, stream_tokens, text_deltas
+from lmforge.generate import GenerationConfig, beam_search, generate, stream_text, stream_tokens, text_deltas
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import Model
 from tests.conftest import tiny_hf
@@ -90,7 +90,7 @@ def test_greedy_penalties_match_hf(pairs):
     out = ref.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5,
                        no_repeat_ngram_size=2, eos_token_id=None)
     got = generate(ours, ids, max_new_tokens=NEW, eos_ids=[],
-                   sampling=SamplingParams(repetition_penalty=1.5), no_repeat_ngram_size=2)
+                   repetition_penalty=1.5, no_repeat_ngram_size=2)
     assert got.tolist() == hf_new_tokens(ref, out, ids, [])
 
 
@@ -119,11 +119,11 @@ def test_beam_search_matches_hf(pairs, arch):
 def test_sampling_matches_hf_under_the_same_seed(pairs):
     ref, ours = pairs("llama")
     ids, mask = prompts(ours)
-    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
+    params = dict(temperature=0.8, top_k=20, top_p=0.9)
     torch.manual_seed(7)
     out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, temperature=0.8,
                        top_k=20, top_p=0.9, eos_token_id=[])
-    got = generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", sampling=params, seed=7, eos_ids=[])
+    got = generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", seed=7, eos_ids=[], **params)
     assert got.tolist() == hf_new_tokens(ref, out, ids, [])
 
 
@@ -131,9 +131,9 @@ def test_sampling_matches_hf_under_the_same_seed(pairs):
 def test_sampling_is_seeded_and_stays_in_the_allowed_set(pairs, arch):
     _, ours = pairs(arch)
     ids, mask = prompts(ours)
-    params = SamplingParams(temperature=1.5, top_k=5, top_p=0.7)
-    run = lambda seed: generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", sampling=params,  # noqa: E731
-                                seed=seed, eos_ids=[])
+    config = GenerationConfig(max_new_tokens=NEW, strategy="sample", temperature=1.5, top_k=5, top_p=0.7)
+    params = config.sampling
+    run = lambda seed: generate(ours, ids, mask, config, seed=seed, eos_ids=[])  # noqa: E731
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
     for i in range(ids.shape[0]):  # every token lies in the filtered support of its recomputed logits
@@ -276,10 +276,10 @@ def test_stream_text_equals_generate(text_model):
                     None)
         if stop is None:
             continue
-        cut = generate(model, tok.encode(prompt), tokenizer=tok, stop_strings=[stop], **kw)
+        cut = generate(model, tok.encode(prompt), tokenizer=tok, stop=[stop], **kw)
         assert cut.texts[0] == text[:text.find(stop)]
         assert cut.lengths[0] < full.lengths[0]
-        assert "".join(stream_text(model, tok, prompt, stop_strings=[stop], **kw)) == cut.texts[0]
+        assert "".join(stream_text(model, tok, prompt, stop=[stop], **kw)) == cut.texts[0]
 
 
 # ---- prompt lookup decoding ------------------------------------------------------------------------
@@ -298,14 +298,14 @@ def test_prompt_lookup_gives_the_greedy_tokens(pairs, arch):
 
 
 def test_prompt_lookup_takes_fewer_steps_when_the_output_repeats(monkeypatch):
-    from lmforge.generate import search
+    from lmforge.generate.state import DecoderState
     torch.manual_seed(0)
     model = Model(ModelConfig.preset("gpt-tiny", vocab_size=64)).eval()  # small init: it repeats itself
     prompt = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]]
     calls = []
     for name in ("step", "step_many"):
-        orig = getattr(search.DecoderState, name)
-        monkeypatch.setattr(search.DecoderState, name,
+        orig = getattr(DecoderState, name)
+        monkeypatch.setattr(DecoderState, name,
                             lambda self, t, _o=orig: calls.append(1) or _o(self, t))
     want = generate(model, prompt, max_new_tokens=30, eos_ids=[]).tolist()
     plain, calls[:] = len(calls), []
@@ -320,7 +320,7 @@ def test_prompt_lookup_streams_and_rejects_what_it_cannot_do(text_model, pairs):
     assert "".join(stream_text(model, tok, prompt, max_new_tokens=30, prompt_lookup=5)) == full.texts[0]
     _, ours = pairs("gpt2")
     for kw in (dict(strategy="sample"), dict(strategy="beam", num_beams=2), dict(min_new_tokens=2),
-               dict(stop_strings=["x"], tokenizer=tok), dict(no_repeat_ngram_size=2)):
+               dict(stop=["x"], tokenizer=tok), dict(no_repeat_ngram_size=2)):
         with pytest.raises(ValueError, match="prompt_lookup"):
             generate(ours, [[5, 6, 7]], max_new_tokens=5, prompt_lookup=3, **kw)
     with pytest.raises(ValueError, match="prompt_lookup"):
@@ -337,7 +337,7 @@ def test_bad_inputs_raise_clear_errors(pairs):
         (dict(input_ids=[]), "empty prompt"),
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
         (dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[0, 0]])), "empty prompt"),
-        (dict(input_ids=[list(range(3, 63))]), "context window"),
+        (dict(input_ids=[list(range(3, 63))]), "prompt of 60 tokens does not fit.*--truncate"),
         (dict(input_ids=ok, max_new_tokens=0), "max_new_tokens"),
         (dict(input_ids=ok, max_new_tokens=-2), "max_new_tokens"),
         (dict(input_ids=ok, strategy="beam", num_beams=0), "num_beams"),
@@ -345,8 +345,11 @@ def test_bad_inputs_raise_clear_errors(pairs):
         (dict(input_ids=ok, strategy="beam", num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(input_ids=ok, num_return_sequences=2), "num_return_sequences"),
         (dict(input_ids=ok, num_beams=4), "strategy='beam'"),
-        (dict(input_ids=ok, stop_strings=["x"]), "tokenizer"),
-        (dict(input_ids=ok, strategy="beam", sampling=SamplingParams(top_k=5)), "deterministic"),
+        (dict(input_ids=ok, stop=["x"]), "tokenizer"),
+        (dict(input_ids=ok, strategy="beam", top_k=5), "deterministic"),
+        (dict(input_ids=ok, strategy="sample", top_p=0.0), "top_p"),
+        (dict(input_ids=ok, strategy="sample", temperature=0), "temperature"),
+        (dict(input_ids=ok, stop_strings=["x"]), "unknown generation option.*stop_strings"),
     ]
     for kw, msg in cases:
         kw = {"max_new_tokens": 10, **kw}
@@ -358,14 +361,8 @@ def test_bad_inputs_raise_clear_errors(pairs):
         stream_tokens(ours, ok, max_new_tokens=3, strategy="beam")
     with pytest.raises(ValueError, match="max_new_tokens"):
         stream_text(ours, ByteBPE(), "hi", max_new_tokens=0)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=1.5)
-    bad = SamplingParams()
-    bad.top_p = 0.0
-    with pytest.raises(ValueError, match="top_p"):
-        generate(ours, ok, max_new_tokens=3, strategy="sample", sampling=bad)
-    with pytest.raises(ValueError, match="temperature"):
-        generate(ours, ok, max_new_tokens=3, strategy="sample", sampling=SamplingParams(temperature=0))
+    with pytest.raises(ValueError, match="top_p must be in .0, 1., got 1.5"):
+        GenerationConfig(top_p=1.5)
     encoder = Model(ModelConfig(family="encoder", n_encoder_layers=1, n_decoder_layers=0, d_model=16, n_heads=2,
                                 d_ff=32, vocab_size=50, task="embed"))
     with pytest.raises(ValueError, match="decoder"):
@@ -398,3 +395,70 @@ def test_kv_cache_reorder_copies_the_written_positions():
     for got, w in zip(cache.kv, want):
         assert got.shape == (2, 4, 3, 6, 4) and torch.equal(got[:, :, :, :4], w[:, grow])
     assert cache.cross[0][0].shape[0] == 4  # cross k/v followed the first reorder only
+
+
+# ---- weights changed between generations --------------------------------------------------------
+def _change_data(m):
+    w = m.backbone.decoder.layers[0].ff.up.weight
+    w.data = torch.randn_like(w) * 2  # a new tensor: neither id() nor _version of the parameter changes
+
+
+def _change_copy(m):
+    with torch.no_grad():
+        m.backbone.decoder.layers[0].ff.up.weight.copy_(torch.randn(m.backbone.decoder.layers[0].ff.up.weight.shape) * 2)
+
+
+def _change_state_dict(m):
+    m.load_state_dict({k: torch.randn_like(v) * 2 if "layers.0.attn.q." in k or "layers.0.ff.up" in k else v
+                       for k, v in m.state_dict().items()})
+
+
+def _change_optimizer_step(m):
+    opt = torch.optim.SGD(m.parameters(), lr=5.0)
+    m(torch.tensor([[5, 6, 7, 8, 9, 10]])).pow(2).mean().backward()
+    opt.step()
+
+
+def _change_module(m):
+    from lmforge.nn.linear import Linear
+    q = m.backbone.decoder.layers[0].attn.q
+    m.backbone.decoder.layers[0].attn.q = new = Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    torch.nn.init.normal_(new.weight, std=2.0)
+
+
+@pytest.mark.parametrize("change", [_change_data, _change_copy, _change_state_dict, _change_optimizer_step,
+                                    _change_module])
+def test_the_next_generation_sees_every_change_of_a_weight(change):
+    """Each generation lays the small weights out anew (RowBlocks): whichever way a weight
+    changes, the next generation gives what a freshly loaded model with those weights gives."""
+    from lmforge.generate.state import DecoderState
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("gpt-tiny", vocab_size=64)).eval()
+    prompt = [[5, 6, 7, 8]]
+    before = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    state, _ = DecoderState.prefill(model, torch.tensor(prompt), None, 2)
+    state.step(torch.tensor([9]))
+    assert len(state.cache.blocks) > 0  # the decoding steps ran through the laid-out weights
+    change(model)
+    model.eval()
+    fresh = Model(model.cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    after = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    assert after == generate(fresh, prompt, max_new_tokens=12, eos_ids=[]).tolist()
+    assert after != before  # the change mattered
+
+
+def test_context_errors_and_clipping_speak_of_the_option_at_fault(pairs):
+    from lmforge.generate import fit_to_context
+    _, ours = pairs("gpt2")  # max_len 64
+    with pytest.raises(ValueError, match="max_new_tokens=500 does not fit the model's context of 64") as e:
+        generate(ours, [[5]], max_new_tokens=500)
+    assert "prompt of 1" not in str(e.value)
+    config = GenerationConfig(max_new_tokens=500)
+    clipped, note = fit_to_context(ours, 10, config)
+    assert clipped.max_new_tokens == 54 and "500 -> 54" in note
+    assert fit_to_context(ours, 10, GenerationConfig(max_new_tokens=20)) == (GenerationConfig(max_new_tokens=20), None)
+    with pytest.raises(ValueError, match="prompt of 100 tokens does not fit.*truncate=True .--truncate"):
+        fit_to_context(ours, 100, config)
+    assert fit_to_context(ours, 100, config.replace(truncate=True))[0].max_new_tokens == 32
+    assert len(generate(ours, [[5] * 10], config=clipped, eos_ids=[]).tolist()[0]) == 54

@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.layers import RelativeBias, fast_linear, sinusoidal_table
+from lmforge.nn.layers import RelativeBias, sinusoidal_table
+from lmforge.nn.linear import Linear, RowBlocks, fast_linear, linear
 
 
 def test_fast_linear_matches_f_linear_forward_and_backward():
@@ -54,28 +56,44 @@ def test_relative_bias_table_slices_equal_forward():
         assert torch.equal(RelativeBias.from_table(table, q_len, k_len, offset), rb(q_len, k_len, offset))
 
 
-def test_row_blocks_match_f_linear_and_follow_weight_updates():
-    from lmforge.nn.layers import RowBlocks
+@pytest.mark.parametrize("parts", [1, 3, 4, 5])  # 5 does not divide 12 or 20 outputs: one block
+def test_row_blocks_match_f_linear_for_any_number_of_blocks(parts):
+    """The column blocks (one per thread) give F.linear's values whatever their number, so the
+    multi-block path is tested on a machine of any core count."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 12)
-    w, b = model.weight, model.bias
-    w2, b2 = torch.randn(4, 16), torch.randn(4)
-    blocks = RowBlocks(max_elements=4 * 16 * 16)
-    with torch.no_grad():
+    q, k = Linear(16, 12), Linear(16, 8)
+    blocks = RowBlocks(max_elements=4 * 20 * 16, parts=parts)
+    with torch.inference_mode():
         for shape in ((1, 1, 16), (3, 16), (2, 2, 16)):
             x = torch.randn(*shape)
-            with blocks:
-                y = fast_linear(x, w, b)
-                both = blocks.linear(x, (w, w2), (b, b2))  # [W; W2] stacked: one product
-            assert y.shape == (*shape[:-1], 12) and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
-            assert torch.allclose(both, torch.cat([F.linear(x, w, b), F.linear(x, w2, b2)], -1), atol=1e-5)
-        assert blocks.linear(torch.randn(6, 16), (w,), (b,)) is None  # 6 * 12 * 16 > max_elements
-        big = torch.randn(80, 16)
-        assert blocks.linear(torch.randn(1, 16), (big,), (None,)) is None  # too large even for one row
+            y = blocks(x, q)
+            both = blocks(x, q, k)  # [W_q; W_k] stacked: one product
+            assert y.shape == (*shape[:-1], 12) and torch.allclose(y, F.linear(x, q.weight, q.bias), atol=1e-5)
+            assert torch.allclose(both, torch.cat([q(x), k(x)], -1), atol=1e-5)
+        assert blocks(torch.randn(7, 16), q) is None  # 7 * 12 * 16 > max_elements
+        assert blocks(torch.randn(1, 32), Linear(32, 80)) is None  # too large even for one row
+        assert blocks(torch.randn(1, 16).double(), Linear(16, 4).double()) is None  # float32 only
+        lora = torch.nn.Sequential(q)  # not a plain Linear (LoRA's): the module's own forward
         x = torch.randn(1, 16)
-        model.__dict__["_row_blocks"] = blocks
-        w.mul_(2)  # an in-place update (an optimizer step): the next generation makes new blocks
-        assert RowBlocks.of(model) is blocks
-        with blocks:
-            assert torch.allclose(fast_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
-        assert RowBlocks.active() is None  # only inside `with`
+        assert blocks(x, lora) is None and torch.equal(linear(lora, x, blocks), q(x))
+    with torch.no_grad():
+        assert torch.allclose(linear(q, x, blocks), q(x), atol=1e-5)
+    assert blocks(x, q) is None  # with gradients: never
+    with pytest.raises(ValueError, match="parts"):
+        RowBlocks(parts=0)
+
+
+def test_qkv_projections_keep_their_names_and_stack_when_decoding():
+    from lmforge.config import ModelConfig
+    from lmforge.nn.attention import Attention
+    cfg = ModelConfig(family="decoder", vocab_size=50, d_model=16, n_heads=4, n_kv_heads=2, n_decoder_layers=1,
+                      d_ff=32, bias=True)
+    attn = Attention(cfg)
+    assert [k for k in attn.state_dict()] == ["q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias",
+                                              "o.weight", "o.bias"]
+    x = torch.randn(2, 1, 16)
+    with torch.inference_mode():
+        plain = attn.project(x)
+        stacked = attn.project(x, blocks=RowBlocks(parts=2))
+    for a, b, n in zip(plain, stacked, (16, 8, 8)):
+        assert a.shape == b.shape == (2, 1, n) and torch.allclose(a, b, atol=1e-5)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from lmforge.generate.filters import SamplingParams
-from lmforge.generate.search import StopStrings, stream_tokens
+from lmforge.generate.config import GenerationConfig
+from lmforge.generate.search import stream_tokens
+from lmforge.generate.state import StopStrings, eos_list
 
 REPLACEMENT = "\ufffd"
 
@@ -54,25 +55,22 @@ def text_deltas(tokenizer, tokens: Iterable[int], stop_strings: Sequence[str] = 
         yield text[sent:]
 
 
-def stream_text(model, tokenizer, prompt: str, *, max_new_tokens: int, strategy: str = "greedy",
-                sampling: SamplingParams | None = None, eos_ids: int | Sequence[int] | None = None,
-                min_new_tokens: int = 0, seed: int | None = None, stop_strings: Sequence[str] = (),
-                no_repeat_ngram_size: int = 0, truncate: bool = False, prompt_lookup: int = 0) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, config: GenerationConfig | None = None, *,
+                eos_ids: int | Sequence[int] | None = None, **options) -> Iterator[str]:
     """Yield the continuation of `prompt` (or, for an encoder-decoder, the output for the source)
-    as text pieces while it is generated, with greedy decoding or sampling.
+    as text pieces while it is generated, with greedy decoding or sampling (`config`, or its
+    fields as keywords).
 
     tokenizer: anything with encode(text) -> list[int] and decode(ids) -> str. Ends on EOS
     (not part of the text), after max_new_tokens, or before the first stop string.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    eos = eos_ids if eos_ids is not None else model.cfg.eos_id
-    eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    stream = stream_tokens(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens, strategy=strategy,
-                           sampling=sampling, eos_ids=eos_ids, min_new_tokens=min_new_tokens, seed=seed,
-                           no_repeat_ngram_size=no_repeat_ngram_size, truncate=truncate,
-                           prompt_lookup=prompt_lookup)  # checks the arguments
-    StopStrings(tokenizer, stop_strings)  # rejects bad stop strings now, not at the first step
+    config = GenerationConfig.of(config, **options)
+    eos = set(eos_list(model, eos_ids))
+    # stop strings are found in the text here; the token stream runs without them
+    stream = stream_tokens(model, tokenizer.encode(prompt), config=config.replace(stop=()), eos_ids=eos_ids)
+    stop_strings = config.stop
 
     def ids():
         for tokens in stream:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.models.transformer import Transformer
-from lmforge.nn.layers import Linear, activation, fast_linear
+from lmforge.nn.layers import activation
+from lmforge.nn.linear import Linear, fast_linear
 
 
 class LMHead(nn.Module):

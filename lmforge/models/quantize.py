@@ -88,7 +88,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                 setattr(module, child_name, Int8Linear(child))
     if isinstance(getattr(model, "lm_head", None), LMHead):
         model.lm_head = Int8LMHead(model.lm_head, model.backbone.tokens)
-    model.__dict__.pop("_row_blocks", None)  # blocks of the float weights
     return model.eval()
 
 

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.nn.attention import Attention, KVCache, additive_mask
-from lmforge.nn.layers import FeedForward, Linear, RelativeBias, Rotary, make_norm, sinusoidal_table
+from lmforge.nn.layers import FeedForward, RelativeBias, Rotary, make_norm, sinusoidal_table
+from lmforge.nn.linear import Linear
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,9 @@ class Block(nn.Module):
             x = self._residual(x, self.cross_norm,
                                lambda h: self.cross(h, memory=memory, mask=memory_mask,
                                                     cache=cache, layer=layer))
-        return self._residual(x, self.ff_norm, self.ff)
+        if cache is None or cache.blocks is None:
+            return self._residual(x, self.ff_norm, self.ff)
+        return self._residual(x, self.ff_norm, lambda h: self.ff(h, cache.blocks))
 
 
 class Stack(nn.Module):

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.nn.layers import Linear, RowBlocks, apply_rotary
+from lmforge.nn.layers import apply_rotary
+from lmforge.nn.linear import Linear, RowBlocks, linear
 
 
 class KVCache:
@@ -24,11 +25,13 @@ class KVCache:
     Self-attention: `kv[layer]` of shape (2, B, KV, max_len, hd), keys then values, filled
     up to `pos` (views of one buffer `buf` for all layers). Cross-attention: k/v of the encoder memory, computed once at the first step.
     A cache lives for one generation, so it also keeps the relative position bias table
-    decoding slices at every step (`rel_bias`, T5).
+    decoding slices at every step (`rel_bias`, T5) and the generation's `RowBlocks`
+    (`blocks`: the small weights laid out for products of a few rows), if any.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 blocks: RowBlocks | None = None):
         # one buffer for every layer (one copy reorders them all); kv[layer] is a view of it
         self.buf = torch.zeros(n_layers, 2, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.kv = list(self.buf)
@@ -36,30 +39,27 @@ class KVCache:
         self.rel_bias: torch.Tensor | None = None
         self.pos = 0  # number of positions already written
         self.max_len = max_len
+        self.blocks = blocks
         self._spare: torch.Tensor | None = None  # see reorder
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
-        return cls(cfg.n_decoder_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+    def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu",
+                  blocks: RowBlocks | None = None):
+        return cls(cfg.n_decoder_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, blocks)
 
     @property
     def batch(self) -> int:
         return self.buf.shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, hd) at [pos, pos+T) and return everything up to pos+T.
-
-        With v=None, k holds both: (2, B, KV, T, hd), written in one copy."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, hd) of `layer` at [pos, pos+T); return its keys and values up to pos+T."""
         T = k.shape[-2]
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
         kv = self.kv[layer]
-        if v is None:
-            kv[:, :, :, self.pos:end] = k
-        else:
-            kv[0, :, :, self.pos:end] = k
-            kv[1, :, :, self.pos:end] = v
+        kv[0, :, :, self.pos:end] = k
+        kv[1, :, :, self.pos:end] = v
         return kv[0, :, :, :end], kv[1, :, :, :end]
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
@@ -83,33 +83,40 @@ class KVCache:
                           for c in self.cross]
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, cross: bool = False):
+class QKV(nn.Module):
+    """The query, key and value projections `q`, `k`, `v` (their state-dict names), computed
+    as one stacked product [W_q; W_k; W_v] when a generation's RowBlocks hold them."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.inner, self.kv_inner = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q = Linear(cfg.d_model, self.inner, bias=cfg.bias)
+        self.k = Linear(cfg.d_model, self.kv_inner, bias=cfg.bias)
+        self.v = Linear(cfg.d_model, self.kv_inner, bias=cfg.bias)
+
+    def project(self, x: torch.Tensor, memory: torch.Tensor | None = None, blocks: RowBlocks | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) → q (B, T, H*hd) and, from `memory` (B, S, d) or else x, k and v (B, S, KV*hd)."""
+        if memory is None and blocks is not None:
+            y = blocks(x, self.q, self.k, self.v)
+            if y is not None:
+                return y.split((self.inner, self.kv_inner, self.kv_inner), dim=-1)
+        src = x if memory is None else memory
+        return linear(self.q, x, blocks), linear(self.k, src, blocks), linear(self.v, src, blocks)
+
+
+class Attention(QKV):
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__(cfg)
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cross = cross
         self.scale = cfg.attn_scale  # None → 1/sqrt(hd) inside SDPA
         self.dropout = cfg.attn_dropout
-        inner, kv_inner = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.q = Linear(cfg.d_model, inner, bias=cfg.bias)
-        self.k = Linear(cfg.d_model, kv_inner, bias=cfg.bias)
-        self.v = Linear(cfg.d_model, kv_inner, bias=cfg.bias)
-        self.o = Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.o = Linear(self.inner, cfg.d_model, bias=cfg.bias)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, n, self.hd).transpose(1, 2)  # (B, n, T, hd)
-
-    def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [W_q; W_k; W_v]^T (+ biases) as one product while decoding (RowBlocks active), or
-        None (too large, projections that are not plain `Linear`s such as LoRA, gradients)."""
-        blocks = RowBlocks.active()
-        if blocks is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32:
-            return None
-        q, k, v = self.q, self.k, self.v
-        if type(q) is not Linear or type(k) is not Linear or type(v) is not Linear:
-            return None
-        return blocks.linear(x, (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -120,37 +127,27 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if rope is not None and self.cross:
             raise ValueError("rotary positions do not apply to cross-attention")
-        y = None if self.cross or cache is None else self._fused_qkv(x)
-        if y is not None:  # decoding: one GEMM, k and v written to the cache in one copy
-            inner = self.n_heads * self.hd
-            q = y[..., :inner].view(B, T, self.n_heads, self.hd).transpose(1, 2)
-            kv = y[..., inner:].view(B, T, 2, self.n_kv, self.hd).permute(2, 0, 3, 1, 4)  # (2, B, KV, T, hd)
-            if rope is None:
-                k, v = cache.update(layer, kv)
-            else:
-                q, k = apply_rotary(q, *rope), apply_rotary(kv[0], *rope)
-                k, v = cache.update(layer, k, kv[1])
+        blocks = cache.blocks if cache is not None else None
+        if self.cross and cache is not None and cache.cross[layer] is not None:
+            q = self._heads(linear(self.q, x, blocks), self.n_heads)
+            k, v = cache.cross[layer]  # encoder memory projected once
         else:
-            q = self._heads(self.q(x), self.n_heads)
-            if self.cross and cache is not None and cache.cross[layer] is not None:
-                k, v = cache.cross[layer]  # encoder memory projected once
-            else:
-                src = memory if self.cross else x
-                k, v = self._heads(self.k(src), self.n_kv), self._heads(self.v(src), self.n_kv)
-                if rope is not None:
-                    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-                if cache is not None:
-                    if self.cross:
-                        cache.cross[layer] = (k, v)
-                    else:
-                        k, v = cache.update(layer, k, v)
+            q, k, v = self.project(x, memory if self.cross else None, blocks)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is not None:
+                if self.cross:
+                    cache.cross[layer] = (k, v)
+                else:
+                    k, v = cache.update(layer, k, v)
         # GQA/MQA: each kv head serves n_heads/n_kv query heads; SDPA broadcasts them itself
         # (no repeat_interleave copy of the whole KV cache at every decoding step)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return linear(self.o, y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), blocks)
 
 
 def additive_mask(q_len: int, k_len: int, *, causal: bool, offset: int = 0,

@@ -1,150 +1,24 @@
-"""Building blocks: norms, feed-forward variants and positional encodings."""
+"""Building blocks around attention: norms, feed-forward variants and positional encodings.
+
+    RMSNorm, make_norm        RMSNorm or LayerNorm, as the config says
+    FeedForward, activation   the MLP (plain or gated: SwiGLU, GeGLU) and its activations
+    sinusoidal_table          fixed sinusoidal positions (Vaswani et al. 2017)
+    Rotary, apply_rotary      rotary positions (RoPE, Su et al. 2021)
+    RelativeBias              T5's learned relative position bias
+
+The linear layers and their GEMM kernels are in `lmforge.nn.linear`.
+"""
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-
-
-# oneDNN's fp32 GEMM is ~2x faster than MKL's on AMD CPUs (bench/README.md), forward and
-# backward. Off with LMFORGE_ONEDNN=0; any other device or dtype uses F.linear.
-_ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-class _DNNLinear(torch.autograd.Function):
-    """y = x W^T + b with oneDNN; backward: dx = dy W, dW = dy^T x, db = sum dy."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return _dnn(x, w, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
-        dx = _dnn(dy2, w.t().contiguous(), None).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = _dnn(dy2.t().contiguous(), x2.t().contiguous(), None) if ctx.needs_input_grad[1] else None
-        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
-
-
-def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN on CPU in float32."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return _DNNLinear.apply(x, w, b)
-    blocks = getattr(_ACTIVE, "blocks", None)
-    if blocks is not None:
-        y = blocks.linear(x, (w,), (b,))
-        if y is not None:
-            return y
-    return _dnn(x, w, b)
-
-
-_ACTIVE = threading.local()  # the RowBlocks of the decoding step running in this thread, if any
-# products of rows x W with rows * W.numel() up to this go through RowBlocks (0: never)
-_ROW_BLOCKS_MAX = int(os.environ.get("LMFORGE_ROW_BLOCKS", 1 << 21))
-
-
-class RowBlocks:
-    """Small weights laid out for GEMMs of a few rows (decoding: one token per sequence).
-
-    oneDNN spends ~11 µs setting up each call, more than a 256x256 product of one row takes.
-    Here a weight W (out, in), or several stacked ([W_q; W_k; W_v]: one product instead of
-    three), is copied once into P column blocks of W^T, (P, in, out/P), and y = x W^T + b
-    runs as one batched MKL GEMM over the blocks (P = threads, a block each). `fast_linear`
-    uses it for products of rows * W.numel() <= LMFORGE_ROW_BLOCKS (default 2^21 elements)
-    while it is active (`with blocks:`, in each decoding step). A model keeps its blocks
-    (`RowBlocks.of`): one extra copy of its small weights, remade after an in-place update.
-    Values differ from oneDNN's in the last bits only (another summation order).
-    """
-
-    def __init__(self, max_elements: int = _ROW_BLOCKS_MAX):
-        self.max_elements, self.parts = max_elements, torch.get_num_threads()
-        self._blocks: dict[int | tuple[int, ...], tuple] = {}  # id(W) or ids of stacked Ws → entry
-
-    @staticmethod
-    def of(model: nn.Module) -> RowBlocks:
-        """The blocks kept with `model` (made on first use), checked against its parameters:
-        blocks of replaced or updated-in-place weights are dropped, to be made anew."""
-        blocks = model.__dict__.get("_row_blocks")
-        if blocks is None:
-            blocks = model.__dict__["_row_blocks"] = RowBlocks()
-        blocks.check({id(p): p._version for p in model.parameters()})
-        return blocks
-
-    def check(self, versions: dict[int, int]) -> None:
-        """Keep the blocks whose source tensors are in `versions` (id → version) unchanged."""
-        self._blocks = {k: e for k, e in self._blocks.items()
-                        if all(versions.get(id(t)) == v for t, v in zip(e[0], e[1]))}
-
-    @staticmethod
-    def active() -> RowBlocks | None:
-        return getattr(_ACTIVE, "blocks", None)
-
-    def __enter__(self) -> RowBlocks:
-        if not hasattr(_ACTIVE, "outer"):
-            _ACTIVE.outer = []
-        _ACTIVE.outer.append(RowBlocks.active())
-        _ACTIVE.blocks = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE.blocks = _ACTIVE.outer.pop()
-
-    def linear(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...],
-               bs: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
-        """x [W_1; W_2; ...]^T + [b_1; b_2; ...], or None when the product is too large here.
-
-        Blocks are made on first use and then found by the weights' ids: while they are
-        active the weights must not change (`RowBlocks.of` checks them once per generation)."""
-        key = id(ws[0]) if len(ws) == 1 else tuple(map(id, ws))
-        entry = self._blocks.get(key)
-        if entry is None:
-            entry = self._blocks[key] = self._make(ws, bs)
-        wb, bb, (P, inp, cols) = entry[2], entry[3], entry[4]
-        rows = x.numel() // inp
-        if rows * P * cols * inp > self.max_elements:
-            return None
-        x3 = x.reshape(1, rows, inp).expand(P, rows, inp)
-        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
-        y = y.view(rows, P * cols) if rows == 1 else y.transpose(0, 1).reshape(rows, P * cols)
-        return y.view(*x.shape[:-1], P * cols)
-
-    def _make(self, ws, bs) -> tuple:
-        """(sources, their versions, blocks of [W...]^T or None, bias blocks or None, (P, in, out/P))."""
-        out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
-        P = self.parts if out % self.parts == 0 else 1
-        wb = bb = None  # too large even for one row: no copy, only the shape
-        if out * inp <= self.max_elements:
-            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
-            wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
-            bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
-        sources = tuple(t for t in ws + bs if t is not None)
-        return sources, tuple(0 if t.is_inference() else t._version for t in sources), wb, bb, (P, inp, out // P)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) computed with `fast_linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x, self.weight, self.bias)
+from lmforge.nn.linear import Linear, RowBlocks, linear
 
 
 class RMSNorm(nn.Module):
@@ -194,9 +68,11 @@ class FeedForward(nn.Module):
         self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(self.drop(h) if self.training else h)
+    def forward(self, x: torch.Tensor, blocks: RowBlocks | None = None) -> torch.Tensor:
+        """x (B, T, d) → (B, T, d); `blocks`: a generation's RowBlocks (decoding)."""
+        up = linear(self.up, x, blocks)
+        h = self.act(linear(self.gate, x, blocks)) * up if self.gate is not None else self.act(up)
+        return linear(self.down, self.drop(h) if self.training else h, blocks)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:

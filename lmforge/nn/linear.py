@@ -1,0 +1,146 @@
+"""Linear layers and the GEMM kernels behind them.
+
+    fast_linear   y = x W^T + b through oneDNN on CPU in float32 (~2x MKL on AMD CPUs), with
+                  its own backward; F.linear everywhere else
+    Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
+    RowBlocks     the small weights of one generation laid out for products of a few rows
+    linear        module(x), through a generation's RowBlocks when they hold the module
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# oneDNN's fp32 GEMM is ~2x faster than MKL's on AMD CPUs (bench/README.md), forward and
+# backward. Off with LMFORGE_ONEDNN=0; any other device or dtype uses F.linear.
+_ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _DNNLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN; backward: dx = dy W, dW = dy^T x, db = sum dy."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _dnn(x, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+        dx = _dnn(dy2, w.t().contiguous(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = _dnn(dy2.t().contiguous(), x2.t().contiguous(), None) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _cpu_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN on CPU in float32."""
+    if not _cpu_fp32(x, w):
+        return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _DNNLinear.apply(x, w, b)
+    return _dnn(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) computed with `fast_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_linear(x, self.weight, self.bias)
+
+
+# products of rows x W with rows * W.numel() up to this go through RowBlocks (0: never)
+ROW_BLOCKS_MAX = int(os.environ.get("LMFORGE_ROW_BLOCKS", 1 << 21))
+
+
+class RowBlocks:
+    """Small weights laid out for GEMMs of a few rows (decoding: one token per sequence).
+
+    oneDNN spends ~11 µs setting up each call, more than a 256x256 product of one row takes.
+    Here the weight W (out, in) of a `Linear`, or several stacked ([W_q; W_k; W_v]: one
+    product instead of three), is copied once into P column blocks of W^T, (P, in, out/P),
+    and y = x W^T + b runs as one batched MKL GEMM over the blocks (P = threads, a block
+    each). Used for products of rows * W.numel() <= max_elements (default 2^21 elements,
+    LMFORGE_ROW_BLOCKS), on CPU in float32 without gradients.
+
+    One generation owns one RowBlocks (the decoding state makes it, the KV cache carries it
+    to every layer): blocks are made on first use and live as long as the generation, so
+    any change to a weight between generations (in place, `p.data = ...`, a new module,
+    `load_state_dict`, an optimizer step) is seen by the next one. Values differ from
+    oneDNN's in the last bits only (another summation order).
+    """
+
+    def __init__(self, max_elements: int = ROW_BLOCKS_MAX, parts: int | None = None):
+        if parts is not None and (isinstance(parts, bool) or not isinstance(parts, int) or parts < 1):
+            raise ValueError(f"parts must be an int >= 1, got {parts!r}")
+        self.max_elements = max_elements
+        self.parts = parts if parts is not None else torch.get_num_threads()
+        self._blocks: dict[tuple[int, ...], tuple] = {}  # ids of the modules → (W blocks, b blocks, shape)
+
+    def __len__(self) -> int:
+        """How many weights (or stacks of weights) have been laid out."""
+        return len(self._blocks)
+
+    def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+        """x [W_1; W_2; ...]^T + [b_1; b_2; ...] of plain `Linear` modules, or None when this is
+        not for RowBlocks (another module such as LoRA's, another dtype or device, gradients,
+        a product too large)."""
+        if self.max_elements <= 0 or torch.is_grad_enabled() or any(type(m) is not Linear for m in modules) \
+                or not _cpu_fp32(x, modules[0].weight):
+            return None
+        return self.linear(x, tuple(m.weight for m in modules), tuple(m.bias for m in modules),
+                           key=tuple(map(id, modules)))
+
+    def linear(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor | None, ...],
+               key: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        """x [W_1; W_2; ...]^T + [b_1; b_2; ...], or None when the product is too large here.
+        Blocks are found by `key` (default: the weights' ids): the weights must not change
+        while these blocks are in use."""
+        key = key if key is not None else tuple(map(id, ws))
+        entry = self._blocks.get(key)
+        if entry is None:
+            entry = self._blocks[key] = self._make(ws, bs)
+        wb, bb, (P, inp, cols) = entry
+        rows = x.numel() // inp
+        if wb is None or rows * P * cols * inp > self.max_elements:
+            return None
+        x3 = x.reshape(1, rows, inp).expand(P, rows, inp)
+        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
+        y = y.view(rows, P * cols) if rows == 1 else y.transpose(0, 1).reshape(rows, P * cols)
+        return y.view(*x.shape[:-1], P * cols)
+
+    def _make(self, ws, bs) -> tuple:
+        """(blocks of [W...]^T or None, bias blocks or None, (P, in, out/P))."""
+        out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
+        P = self.parts if out % self.parts == 0 else 1
+        wb = bb = None  # too large even for one row: no copy, only the shape
+        if out * inp <= self.max_elements:
+            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
+            wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
+            bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
+        return wb, bb, (P, inp, out // P)
+
+
+def linear(module: nn.Module, x: torch.Tensor, blocks: RowBlocks | None = None) -> torch.Tensor:
+    """module(x), as one product of `blocks` when they apply (see RowBlocks.__call__)."""
+    if blocks is not None:
+        y = blocks(x, module)
+        if y is not None:
+            return y
+    return module(x)
