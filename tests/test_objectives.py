@@ -13,6 +13,7 @@ import transformers as T
 from lmforge.config import ModelConfig
 from lmforge.data import batches as B
 from lmforge.data.corpus import TokenArray
+from lmforge.data.parallel import read_parallel
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import Model
 from lmforge.objectives import (IGNORE_INDEX, causal_lm, classification, get_objective, masked_lm, mlm_nsp,
@@ -249,11 +250,11 @@ def test_lm_span_and_denoising_batches(corpus):
 def test_translation_batches(tmp_path):
     (tmp_path / "a.en").write_text("a cat\nthe dog runs\n\nhello\n")
     (tmp_path / "a.de").write_text("eine katze\nder hund rennt\n\nhallo\n")
-    pairs = B.read_parallel_lines(tmp_path / "a.en", tmp_path / "a.de")
+    pairs = read_parallel([tmp_path / "a.en", tmp_path / "a.de"])
     assert pairs == [("a cat", "eine katze"), ("the dog runs", "der hund rennt"), ("hello", "hallo")]
     (tmp_path / "b.de").write_text("x\n")
     with pytest.raises(ValueError, match="line-aligned"):
-        B.read_parallel_lines(tmp_path / "a.en", tmp_path / "b.de")
+        read_parallel([tmp_path / "a.en", tmp_path / "b.de"])
     tok = train_tokenizer_from_iterator([s for p in pairs for s in p], "bpe", 280, family="encoder-decoder")
     enc = B.encode_pairs(pairs, tok, 16)
     batch = next(B.translation_batches(enc, 4, tok.pad_id))

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lmforge.evaluate import bleu, chrf
-from lmforge.tasks.seq2seq import IGNORE, Pair, Seq2SeqData, corpus_scores, read_parallel, resolve_files
+from lmforge.data.noising import IGNORE_INDEX as IGNORE
+from lmforge.data.parallel import Pair, read_parallel, resolve_files
+from lmforge.tasks.seq2seq import Seq2SeqData, corpus_scores
 from lmforge.tokenizer import train_tokenizer_from_iterator
 
 EN = ["a dog runs .", "two men sit on a bench .", "a girl plays ."]

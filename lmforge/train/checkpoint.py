@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.models.io import atomic_write
+from lmforge.atomic import atomic_write
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
