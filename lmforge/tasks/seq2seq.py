@@ -14,12 +14,17 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from lmforge.config import ModelConfig
 from lmforge.data.corpus import pad_batch
 from lmforge.data.noising import IGNORE_INDEX
-from lmforge.data.parallel import Pair
+from lmforge.data.parallel import Pair, read_parallel
 from lmforge.evaluate import bleu, chrf, rouge
+from lmforge.interop.load import load_with_tokenizer
+from lmforge.models.heads import Model
+from lmforge.objectives import get_objective
 from lmforge.tasks.classify import length_batches
-from lmforge.tokenizer import Tokenizer
+from lmforge.tasks.options import Options, Prepared, Task, input_texts
+from lmforge.tokenizer import Tokenizer, train_tokenizer_from_iterator
 
 # ---- batches ---------------------------------------------------------------------------------
 def start_id(model_cfg, tok: Tokenizer) -> int:
@@ -121,3 +126,51 @@ def eval_seq2seq(model, tok: Tokenizer, pairs: Sequence[Pair], num_beams: int = 
     """Generate for every source and score against the targets: {bleu, chrf[, rouge1, rouge2, rougeL]}."""
     hyps = translate(model, tok, [p.source for p in pairs], num_beams, max_new_tokens, batch_size, max_len)
     return {**corpus_scores(hyps, [p.target for p in pairs]), "pairs": len(pairs)}
+
+
+# ---- the task for lmforge.tasks.finetune -------------------------------------------------------------
+def fresh_model(preset: str, pairs: Sequence[Pair], opts: Options) -> tuple[Model, Tokenizer]:
+    """A new encoder-decoder from a preset with a joint byte-level BPE trained on both sides."""
+    texts = [p.source for p in pairs] + [p.target for p in pairs]
+    tok = train_tokenizer_from_iterator(texts, "bpe", opts.vocab_size, family="encoder-decoder")
+    cfg = ModelConfig.preset(preset, **{"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+                                        "eos_id": tok.eos_id, "decoder_start_id": tok.bos_id, **opts.model})
+    if cfg.family != "encoder-decoder" or cfg.task != "lm":
+        raise ValueError(f"preset {preset!r} is not an encoder-decoder LM")
+    torch.manual_seed(opts.seed)
+    return Model(cfg), tok
+
+
+def _build(model_dir, train_file, valid_file, opts: Options) -> Prepared:
+    train = read_parallel(train_file, opts.src_lang, opts.tgt_lang, limit=opts.limit)
+    model_dir = str(model_dir)
+    if model_dir.startswith("preset:"):
+        model, tok = fresh_model(model_dir[len("preset:"):], train, opts)
+    else:
+        model, tok = load_with_tokenizer(model_dir)
+        if model.cfg.family != "encoder-decoder" or model.cfg.task != "lm":
+            raise ValueError(f"{model_dir}: seq2seq needs an encoder-decoder LM, got "
+                             f"family={model.cfg.family!r} task={model.cfg.task!r}")
+    start = start_id(model.cfg, tok)
+    ds = Seq2SeqData(train, tok, start, opts.max_len)
+    valid = read_parallel(valid_file, opts.src_lang, opts.tgt_lang, limit=opts.valid_limit) if valid_file else None
+    vds = Seq2SeqData(valid, tok, start, opts.max_len) if valid else None
+    return Prepared(model, tok, get_objective("seq2seq", label_smoothing=opts.label_smoothing), len(ds),
+                    lambda bs, seed: ds.batches(bs, shuffle=True, seed=seed, epochs=None),
+                    list(vds.batches(opts.eval_batch_size)) if vds else [],
+                    lambda m: eval_seq2seq(m, tok, valid, opts.num_beams, opts.eval_batch_size,
+                                           opts.max_new_tokens, opts.max_len) if valid else {})
+
+
+def _evaluate(model, tok: Tokenizer, data_file, opts: Options) -> dict[str, float]:
+    pairs = read_parallel(data_file, opts.src_lang, opts.tgt_lang, limit=opts.limit)
+    return eval_seq2seq(model, tok, pairs, opts.num_beams, opts.eval_batch_size, opts.max_new_tokens, opts.max_len)
+
+
+def _predict(model, tok: Tokenizer, inputs, context: str | None, opts: Options) -> list[dict]:
+    texts = input_texts(inputs)
+    outs = translate(model, tok, texts, opts.num_beams, opts.max_new_tokens, opts.eval_batch_size, opts.max_len)
+    return [{"source": s, "translation": t} for s, t in zip(texts, outs)]
+
+
+TASK = Task(build=_build, evaluate=_evaluate, predict=_predict)
