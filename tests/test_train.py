@@ -18,7 +18,8 @@ from lmforge.objectives import causal_lm
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.loop import TrainConfig, TrainingDiverged, decay_split, make_optimizer, train
-from lmforge.train.recipe import load_recipe, run_pretraining
+from lmforge.train.pretrain import run_pretraining
+from lmforge.train.recipe import load_recipe
 from lmforge.train.schedule import constant, cosine, linear, make_schedule, noam
 
 CONFIGS = Path(__file__).parent.parent / "configs"

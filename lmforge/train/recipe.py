@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from lmforge.config import ModelConfig
-from lmforge.objectives import objective_name
+from lmforge.objectives import ALIASES
 from lmforge.train.loop import TrainConfig
 from lmforge.train.overrides import apply_overrides, coerce, coerce_fields
 
@@ -83,10 +83,11 @@ class ObjectiveSpec:
     permute_sentences: bool = True  # BART
 
     def __post_init__(self):
-        self.name = objective_name(self.name)
-        if self.name not in PRETRAINING_OBJECTIVES:
-            raise ValueError(f"objective.name={self.name!r} is not a pretraining objective; expected one of "
-                             f"{', '.join(PRETRAINING_OBJECTIVES)}")
+        name = ALIASES.get(self.name, self.name)
+        if name not in PRETRAINING_OBJECTIVES:
+            raise ValueError(f"objective.name={self.name!r}: expected a pretraining objective, one of "
+                             f"{', '.join(PRETRAINING_OBJECTIVES)} (or an alias: {', '.join(ALIASES)})")
+        self.name = name
 
 
 @dataclass
