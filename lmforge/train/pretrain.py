@@ -229,3 +229,27 @@ def _json_default(x):
 def _save_yaml(d: dict, path: Path) -> None:
     import yaml
     path.write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+def stop_message(result: dict, recipe: Recipe, command: str) -> str:
+    """Why the run stopped and what to type to go on, in recipe terms. `command` reruns this
+    recipe (e.g. "lmforge pretrain --config configs/main.yaml"); the lines add the overrides."""
+    m, t = result["metrics"], recipe.train
+    steps, budget = m["steps"], t.max_minutes
+    more_steps = f"train.max_steps={max(2 * t.max_steps, steps + t.max_steps)}"
+    more_time = f"train.max_minutes={2 * budget:g}" if budget is not None else ""
+    extend = f"{command} train.resume=true {more_time if m['stopped'] == 'max_minutes' else more_steps}"
+    if m.get("resumed_from") and m.get("resumed_step") == steps:
+        why = (f"its train.max_minutes={budget:g} budget is used up" if m["stopped"] == "max_minutes"
+               else f"it is at train.max_steps={t.max_steps}" if m["stopped"] == "max_steps"
+               else "the training data is used up")
+        return (f"nothing left to do: the run resumed from {m['resumed_from']} (step {steps}) and {why}.\n"
+                f"to extend the run: {extend}")
+    if m["stopped"] == "max_minutes":
+        return (f"stopped: the time budget train.max_minutes={budget:g} ran out at step {steps} of "
+                f"train.max_steps={t.max_steps}; the learning-rate schedule was fitted to the budget and has ended.\n"
+                f"to continue: {extend}  (or train.max_minutes=null to run all {t.max_steps} steps)")
+    if m["stopped"] == "data":
+        return f"stopped: the training data ran out at step {steps} of train.max_steps={t.max_steps}."
+    return (f"stopped: all train.max_steps={t.max_steps} steps done.\n"
+            f"to train further: {extend}")
