@@ -358,6 +358,9 @@ def test_recipe_yaml_overrides_and_unknown_keys(tmp_path):
         load_recipe(path, ["model.preset=gpt-huge"])
     with pytest.raises(ValueError, match="objective.name='bogus'"):
         load_recipe(path, ["objective.name=bogus"])
+    assert load_recipe(path, ["objective=mlm"]).objective.name == "masked_lm"  # the earlier name, an alias
+    with pytest.raises(ValueError, match="objective.name='span_qa': expected a pretraining objective"):
+        load_recipe(path, ["objective.name=span_qa"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_recipe(tmp_path / "nope.yaml")
 
