@@ -1,5 +1,7 @@
-"""The one training loop (loop.py), learning-rate schedules (schedule.py), checkpoints that
-resume exactly (checkpoint.py) and YAML pretraining recipes (recipe.py)."""
+"""The one training loop (loop.py) and its settings (config.py), learning-rate schedules
+(schedule.py), checkpoints that resume exactly (checkpoint.py), metrics logs and the loss plot
+(log.py), YAML pretraining recipes (recipe.py) and their run (pretrain.py), typed `key=value`
+overrides (overrides.py), data parallelism (distributed.py)."""
 
 from lmforge.train.loop import TrainConfig, TrainingDiverged, evaluate, train
 from lmforge.train.pretrain import run_pretraining

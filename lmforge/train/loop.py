@@ -7,8 +7,10 @@ Whatever the objective (`(model, batch) -> (loss, metrics)`, see lmforge.objecti
 loop does the same things: AdamW with weight decay on weight matrices only, a learning-rate
 schedule (schedule.py), gradient accumulation and clipping, optional bf16 autocast and
 `torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation,
-JSONL metrics (+ TensorBoard when installed), a progress bar, atomic checkpoints that resume
-exactly, and a loss plot at the end.
+JSONL metrics (+ TensorBoard when installed; log.py), progress (a bar on a terminal, plain
+lines elsewhere), atomic checkpoints that resume exactly (checkpoint.TrainState), and a loss
+plot at the end. It tells its user the parameter count before the first step and, on resume,
+which checkpoint it continued from.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
 one (lmforge.data.batches.Batches does); any other iterator is fast-forwarded by the number
