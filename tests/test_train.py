@@ -282,11 +282,13 @@ def test_time_budget_ends_the_schedule_instead_of_cutting_it(monkeypatch, tmp_pa
     clock = itertools.count()
     monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
     out = train(_model(), causal_lm, lm_batches(_tokens(), 16, 2),
-                _cfg(max_steps=1000, max_minutes=1.0, warmup_steps=2, min_lr=1e-4, out_dir=str(tmp_path)))
-    assert out["stopped"] == "max_minutes" and 5 < out["steps"] < 1000
+                _cfg(max_steps=1000, max_minutes=5.0, warmup_steps=4, min_lr=1e-4, out_dir=str(tmp_path)))
+    assert out["stopped"] == "max_minutes" and 20 < out["steps"] < 1000
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
-    assert lrs[-1] < 1e-4 + 0.02 * (3e-3 - 1e-4)  # the end of the cosine
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # and it only decays after the warmup
+    assert lrs[:5] == pytest.approx([cosine(s, 3e-3, 4, 1000, 1e-4) for s in range(5)])  # warmup as usual
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then a smooth decay, no jump
+    assert max(a - b for a, b in zip(lrs[4:], lrs[5:])) < 0.2 * (3e-3 - 1e-4)
+    assert lrs[-1] < 1e-4 + 0.02 * (3e-3 - 1e-4)  # that reaches the end of the cosine
 
 
 def test_resume_says_what_it_resumed_from_and_when_nothing_is_left(tmp_path, capsys):

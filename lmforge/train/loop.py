@@ -216,14 +216,19 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         return metrics
 
     def schedule_step() -> float:
-        """The step the schedule reads: the update count or, under a time budget, the share of the
-        budget used times the schedule's length, whichever is further (warmup counts in steps)."""
-        if cfg.max_minutes is None or cfg.schedule not in ("cosine", "linear") or step < cfg.warmup_steps:
+        """The step the schedule reads. Under a time budget that ends the run before the schedule
+        would, the steps after warmup are stretched so that the schedule ends with the budget; how
+        many steps the budget allows is estimated from the pace so far (evaluations included)."""
+        w = cfg.warmup_steps
+        if cfg.max_minutes is None or cfg.schedule not in ("cosine", "linear") or step <= w:
             return step
-        used = min(1.0, elapsed() / (cfg.max_minutes * 60))
+        t = elapsed()
         if d.enabled:  # every process must use the same learning rate
-            used = distributed.sum_all([used], device)[0] / d.world
-        return max(step, used * horizon)
+            t = distributed.sum_all([t], device)[0] / d.world
+        allowed = step * cfg.max_minutes * 60 / t if t > 0 else math.inf
+        if allowed >= horizon:
+            return step
+        return w + (step - w) * (horizon - w) / max(allowed - w, step - w)
 
     # find_unused_parameters: a task may leave parameters without gradient (BERT's pooler when
     # training embeddings); it also allows objectives that call the model twice (sentence pairs)
