@@ -216,19 +216,15 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         return metrics
 
     def schedule_step() -> float:
-        """The step the schedule reads. Under a time budget that ends the run before the schedule
-        would, the steps after warmup are stretched so that the schedule ends with the budget; how
-        many steps the budget allows is estimated from the pace so far (evaluations included)."""
-        w = cfg.warmup_steps
-        if cfg.max_minutes is None or cfg.schedule not in ("cosine", "linear") or step <= w:
+        """The step the schedule reads: the update count or, under a time budget, the share of the
+        budget used times the schedule's length, whichever is further. A run the budget stops
+        before max_steps thus goes through the whole schedule (warmup included) in its time."""
+        if cfg.max_minutes is None or cfg.schedule not in ("cosine", "linear"):
             return step
-        t = elapsed()
+        used = min(1.0, elapsed() / (cfg.max_minutes * 60))
         if d.enabled:  # every process must use the same learning rate
-            t = distributed.sum_all([t], device)[0] / d.world
-        allowed = step * cfg.max_minutes * 60 / t if t > 0 else math.inf
-        if allowed >= horizon:
-            return step
-        return w + (step - w) * (horizon - w) / max(allowed - w, step - w)
+            used = distributed.sum_all([used], device)[0] / d.world
+        return max(step, used * horizon)
 
     # find_unused_parameters: a task may leave parameters without gradient (BERT's pooler when
     # training embeddings); it also allows objectives that call the model twice (sentence pairs)

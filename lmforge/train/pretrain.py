@@ -247,7 +247,7 @@ def stop_message(result: dict, recipe: Recipe, command: str) -> str:
                 f"to extend the run: {extend}")
     if m["stopped"] == "max_minutes":
         return (f"stopped: the time budget train.max_minutes={budget:g} ran out at step {steps} of "
-                f"train.max_steps={t.max_steps}; the learning-rate schedule was fitted to the budget and has ended.\n"
+                f"train.max_steps={t.max_steps}; the learning-rate schedule was laid over the budget and has ended.\n"
                 f"to continue: {extend}  (or train.max_minutes=null to run all {t.max_steps} steps)")
     if m["stopped"] == "data":
         return f"stopped: the training data ran out at step {steps} of train.max_steps={t.max_steps}."
