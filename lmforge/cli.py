@@ -12,9 +12,9 @@ from lmforge.cli_help import HelpfulParser
 
 def _cmd_convert(a) -> int:
     from lmforge import api
+    from lmforge.models.io import model_kind
     model, tok = api.load(a.src)
-    fmt = a.to or ("hf" if Path(a.src).is_dir() and (Path(a.src) / "config.json").is_file()
-                   and "family" in json.loads((Path(a.src) / "config.json").read_text()) else "lmforge")
+    fmt = a.to or ("hf" if model_kind(a.src) == "lmforge" else "lmforge")
     api.save(model, a.dst, tokenizer=tok, format=fmt)
     print(f"wrote {fmt} model ({model.cfg.family}, {model.num_parameters():,} parameters) to {a.dst}")
     return 0
@@ -140,9 +140,11 @@ def _cmd_tokenizer(a) -> int:
 
 
 def _cmd_pretrain(a) -> int:
+    import shlex
     from lmforge import api
     from lmforge.train import distributed
-    from lmforge.train.recipe import load_recipe, run_pretraining
+    from lmforge.train.pretrain import run_pretraining, stop_message
+    from lmforge.train.recipe import load_recipe
     recipe = load_recipe(a.config, a.overrides)
     result = run_pretraining(recipe)
     if not distributed.is_main():  # under torchrun rank 0 reports
@@ -150,16 +152,17 @@ def _cmd_pretrain(a) -> int:
     m = result["metrics"]
     print(f"\nmodel: {result['parameters']:,} parameters, {result['train_tokens']:,} training tokens")
     for k in ("steps", "train_loss", "valid_loss", "valid_perplexity", "tokens_per_s"):
-        if k in m:
+        if m.get(k) is not None:
             print(f"{k:18}{m[k]:.4g}" if isinstance(m[k], float) else f"{k:18}{m[k]}")
-    records = [json.loads(line) for line in Path(result["log"]).read_text().splitlines() if line.strip()]
-    train = [r["loss"] for r in records if "loss" in r]
-    valid = [r["valid_loss"] for r in records if "valid_loss" in r]
-    if train:
-        print(f"train loss        {train[0]:.3f} (first log) -> {train[-1]:.3f} (last)")
-    if valid:
-        print(f"validation loss   {valid[0]:.3f} (first eval) -> {valid[-1]:.3f} (last)")
+    if m.get("first_train_loss") is not None and m.get("train_loss") is not None:
+        print(f"train loss        {m['first_train_loss']:.3f} (first log) -> {m['train_loss']:.3f} (last)")
+    if m.get("first_valid_loss") is not None and m.get("valid_loss") is not None:
+        print(f"validation loss   {m['first_valid_loss']:.3f} (first eval) -> {m['valid_loss']:.3f} (last)")
     print(f"saved model and tokenizer to {result['model_dir']}; loss plot {result['plot']}; log {result['log']}")
+    # the command that reruns this recipe, without the settings the advice changes
+    keep = [o for o in a.overrides if o.split("=", 1)[0] not in ("train.resume", "train.max_steps", "train.max_minutes")]
+    command = shlex.join(["lmforge", "pretrain", *(["--config", a.config] if a.config else []), *keep])
+    print(stop_message(result, recipe, command))
     model, tok = api.load(result["model_dir"])
     if model.cfg.task == "lm" and model.cfg.family == "decoder" and a.samples:
         print("\nsample continuations (top-k 40 sampling, temperature 0.8):")
@@ -251,13 +254,9 @@ def _cmd_chat(a) -> int:
 
 
 def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"override {p!r} is not key=value")
-        k, v = p.split("=", 1)
-        out[k.strip().replace("-", "_")] = v
-    return out
+    """KEY=VALUE arguments → options, typed later by the option's declared type."""
+    from lmforge.train.overrides import parse_overrides
+    return parse_overrides(pairs)
 
 
 def _cmd_finetune(a) -> int:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.atomic import atomic_write
 from lmforge.models.heads import Model, pool
-from lmforge.models.io import atomic_write
 
 
 def default_pooling(model: Model) -> str:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lmforge.data.noising import IGNORE_INDEX
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids",
                 "decoder_attention_mask", "position_ids")
 
@@ -140,19 +141,35 @@ def span_qa(model, batch: dict) -> tuple[torch.Tensor, dict]:
                   "span_acc": (s_ok & e_ok).float().mean()}
 
 
+# The one registry: pretraining recipes (`objective: NAME`), fine-tuning and tests look objectives
+# up here. The three encoder-decoder pretraining objectives share the seq2seq loss; what differs
+# is how their batches are noised (lmforge.data.batches).
 OBJECTIVES: dict[str, Objective] = {
     "causal_lm": causal_lm,
     "masked_lm": masked_lm,
     "mlm_nsp": mlm_nsp,
     "seq2seq": seq2seq,
+    "span_corruption": seq2seq,  # T5 (Raffel et al. 2020)
+    "denoising": seq2seq,  # BART (Lewis et al. 2020)
+    "translation": seq2seq,
     "classification": classification,
     "span_qa": span_qa,
 }
+ALIASES = {"mlm": "masked_lm"}  # earlier recipe spelling, still accepted
+
+
+def objective_name(name: str) -> str:
+    """The registry name for `name` (an alias such as "mlm" → "masked_lm"); unknown names are an
+    error listing the known ones."""
+    name = ALIASES.get(name, name)
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; available: {', '.join(OBJECTIVES)} "
+                         f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
+    return name
 
 
 def get_objective(name: str, **options) -> Objective:
-    """The objective registered under `name`, with keyword options (e.g. label_smoothing) bound."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; available: {', '.join(OBJECTIVES)}")
-    fn = OBJECTIVES[name]
+    """The objective registered under `name` (or an alias), with keyword options (e.g.
+    label_smoothing) bound."""
+    fn = OBJECTIVES[objective_name(name)]
     return functools.partial(fn, **options) if options else fn

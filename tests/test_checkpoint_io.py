@@ -101,3 +101,17 @@ def test_not_a_model(tmp_path):
         lmforge.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="not an lmforge or Hugging Face model"):
         lmforge.load(tmp_path)
+
+
+def test_model_kind_says_what_a_path_holds(tmp_path):
+    from lmforge.models.io import model_kind
+    lmforge.save(_tiny(), tmp_path / "ours")
+    assert model_kind(tmp_path / "ours") == "lmforge"
+    tiny_hf("gpt2").save_pretrained(tmp_path / "theirs")
+    assert model_kind(tmp_path / "theirs") == "hf"
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert model_kind(tmp_path / "m.gguf") == "gguf"
+    assert model_kind(tmp_path / "missing") is None and model_kind(tmp_path) is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert model_kind(tmp_path / "bad") is None

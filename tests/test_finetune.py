@@ -159,3 +159,16 @@ def test_options_errors(tmp_path):
         coerce_options("classify", {"lr": "0"})
     with pytest.raises(ValueError, match="needs a context"):
         predict_task("qa", _encoder_dir(tmp_path, FILL), "who?")
+
+
+def test_options_use_the_one_typed_parser():
+    """Command-line text becomes the declared type; a string option keeps the text as typed."""
+    from lmforge.cli import _overrides
+    opts = coerce_options("classify", _overrides(["lr=3e-5", "max-minutes=none", "lora=yes", "text_field=yes",
+                                                  "model.dropout=0.2", "steps=1e2"]))
+    assert (opts.lr, opts.max_minutes, opts.lora, opts.text_field, opts.steps) == (3e-5, None, True, "yes", 100)
+    assert opts.model == {"dropout": 0.2}
+    with pytest.raises(ValueError, match="option model.d_model='big': expected int"):
+        coerce_options("classify", {"model.d_model": "big"})
+    with pytest.raises(ValueError, match="override 'lr': expected key=value"):
+        _overrides(["lr"])

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lmforge.evaluate import bleu, chrf
-from lmforge.tasks.seq2seq import IGNORE, Pair, Seq2SeqData, corpus_scores, read_parallel, resolve_files
+from lmforge.data.noising import IGNORE_INDEX as IGNORE
+from lmforge.data.parallel import Pair, read_parallel, resolve_files
+from lmforge.tasks.seq2seq import Seq2SeqData, corpus_scores
 from lmforge.tokenizer import train_tokenizer_from_iterator
 
 EN = ["a dog runs .", "two men sit on a bench .", "a girl plays ."]
@@ -76,3 +78,19 @@ def test_corpus_scores_use_sacrebleu():
     s = corpus_scores(hyps, refs)
     assert s["bleu"] == pytest.approx(bleu(hyps, refs).score) and s["chrf"] == pytest.approx(chrf(hyps, refs).score)
     assert 0 < s["bleu"] < 100 and corpus_scores(refs, refs)["bleu"] == pytest.approx(100)
+
+
+def test_one_reader_for_recipes_and_finetuning(tmp_path):
+    """Blank on both sides: a separator, skipped; blank on one side: an error naming file and line.
+    The pretraining recipe (objective: translation) reads the same way, .jsonl included."""
+    from lmforge.train.pretrain import _parallel
+    from lmforge.train.recipe import DataSpec
+    prefix = _files(tmp_path, [EN[0], "", EN[1]], [DE[0], "  ", DE[1]])
+    assert read_parallel(prefix, "en", "de") == [Pair(EN[0], DE[0]), Pair(EN[1], DE[1])]
+    assert _parallel(str(prefix), DataSpec(src_lang="en", tgt_lang="de")) == read_parallel(prefix, "en", "de")
+    prefix = _files(tmp_path, EN, [DE[0], "", DE[2]])
+    with pytest.raises(ValueError, match=r"train.de:2: empty line, but line 2 of .*train.en is not"):
+        read_parallel(prefix, "en", "de")
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in zip(EN, DE)))
+    assert _parallel(str(jl), DataSpec()) == read_parallel(jl) == [Pair(s, t) for s, t in zip(EN, DE)]

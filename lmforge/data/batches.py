@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
-from pathlib import Path
 
 import torch
 
@@ -205,26 +204,6 @@ def denoising_batches(tokens, block_size: int, batch_size: int, tok: Tokenizer, 
                                         eos_id=tok.eos_id, mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
                                         permute=permute, generator=g, special_ids=keep) for row in x], tok.pad_id)
     return Batches(make, seed)
-
-
-def read_parallel_lines(src: str | Path, tgt: str | Path) -> list[tuple[str, str]]:
-    """Line-aligned source and target files → (source, target) pairs; blank-line pairs are skipped,
-    a line-count mismatch is an error naming both files."""
-    def lines(p):
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"parallel text file {p} does not exist")
-        try:
-            return p.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p} is not valid UTF-8 (byte offset {e.start})") from None
-    a, b = lines(src), lines(tgt)
-    if len(a) != len(b):
-        raise ValueError(f"{src} has {len(a)} lines but {tgt} has {len(b)}: they must be line-aligned")
-    pairs = [(s, t) for s, t in zip(a, b) if s.strip() and t.strip()]
-    if not pairs:
-        raise ValueError(f"{src}, {tgt}: no sentence pairs")
-    return pairs
 
 
 def encode_pairs(pairs: Sequence[tuple[str, str]], tok: Tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lmforge.progress import Progress
 from lmforge.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -219,15 +219,21 @@ def build_token_file(source: str | Path | Iterable[str | Path], tokenizer: Token
     doc_starts, n_tokens = [], 0
     texts = read_texts(files, split=split, text_field=text_field)
     total = sum(p.stat().st_size for f in files for p in (f.rglob("*") if f.is_dir() else [f]) if p.is_file())
-    with open(tmp / "tokens.bin", "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                                     desc="tokenising", disable=not progress) as bar:
-        while batch := list(islice(texts, batch_size)):
-            for ids in tokenizer.encode_batch(batch, add_special_tokens=False):
-                ids = ids + [eos] if append_eos else ids
-                doc_starts.append(n_tokens)
-                n_tokens += len(ids)
-                np.asarray(ids, dtype=dtype).tofile(out)
-            bar.update(sum(len(t.encode("utf-8")) for t in batch))
+    # counts bytes of text read, which is less than the files' size (JSONL syntax, blank lines):
+    # `finish` brings the bar to 100% at the end; off a terminal it prints one line, at the end
+    bar = Progress(total, "tokenising", "B", disable=not progress)
+    try:
+        with open(tmp / "tokens.bin", "wb") as out:
+            while batch := list(islice(texts, batch_size)):
+                for ids in tokenizer.encode_batch(batch, add_special_tokens=False):
+                    ids = ids + [eos] if append_eos else ids
+                    doc_starts.append(n_tokens)
+                    n_tokens += len(ids)
+                    np.asarray(ids, dtype=dtype).tofile(out)
+                bar.update(min(sum(len(t.encode("utf-8")) for t in batch), total - bar.n))
+        bar.finish()
+    finally:
+        bar.close()
     if n_tokens == 0:
         shutil.rmtree(tmp)
         raise ValueError(f"corpus {source} produced no tokens")

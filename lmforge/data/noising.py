@@ -12,7 +12,7 @@ import torch
 
 from lmforge.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of "not a target" everywhere in lmforge (F.cross_entropy ignores it)
 
 
 def _as_ids(ids, name: str = "ids") -> torch.Tensor:

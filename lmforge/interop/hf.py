@@ -13,22 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lmforge.atomic import atomic_write
 from lmforge.config import ModelConfig
 from lmforge.interop.hf_config import from_hf_config, to_hf_config
 from lmforge.interop.hf_keys import BASE_PREFIX, IGNORED_SUFFIXES, gpt2_in, gpt2_out, key_map
 from lmforge.models.heads import Model
-from lmforge.models.io import HEAD_PREFIXES, atomic_write, load_weights, read_safetensors
+from lmforge.models.io import HEAD_PREFIXES, load_weights, read_safetensors
 from lmforge.nn.layers import sinusoidal_table
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except ValueError:
-        return False
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -8,43 +8,42 @@ half-written file in place of a good one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import atomic_write
 from lmforge.config import ModelConfig
 from lmforge.models.heads import Model
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
-def is_lmforge_dir(path: str | Path) -> bool:
-    cfg = Path(path) / CONFIG
+ModelKind = Literal["lmforge", "hf", "gguf"]
+
+
+def model_kind(path: str | Path) -> ModelKind | None:
+    """What a path holds: "lmforge" (a directory whose config.json has lmforge's `family`), "hf"
+    (config.json with HF's `model_type`), "gguf" (a .gguf file), or None (none of these, or an
+    unreadable config.json). The one place that looks inside a path to decide how to load it."""
+    path = Path(path)
+    if path.is_file():
+        return "gguf" if path.suffix == ".gguf" else None
+    cfg = path / CONFIG
     if not cfg.is_file():
-        return False
+        return None
     try:
         d = json.loads(cfg.read_text())
-    except ValueError:
-        return False
-    return "family" in d and "model_type" not in d
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result onto `path` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    if "model_type" in d:
+        return "hf"
+    return "lmforge" if "family" in d else None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

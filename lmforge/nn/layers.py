@@ -112,6 +112,8 @@ class RelativeBias(nn.Module):
     (bucket, head); buckets are exact for small distances and logarithmic up to
     `max_distance`. Bidirectional in the encoder, causal in the decoder."""
 
+    no_weight_decay = True  # a lookup table like an embedding: the training loop leaves it undecayed
+
     def __init__(self, n_buckets: int, max_distance: int, n_heads: int, bidirectional: bool):
         super().__init__()
         self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional

@@ -20,6 +20,9 @@ import torch
 
 from lmforge.data.corpus import jsonl_rows, pad_batch
 from lmforge.evaluate import accuracy, macro_f1
+from lmforge.interop.load import load_with_tokenizer
+from lmforge.objectives import get_objective
+from lmforge.tasks.options import Options, Prepared, Task, input_texts, is_file
 from lmforge.tokenizer import Tokenizer
 
 DEFAULT_TEXT_FIELDS = ("sentence", "text")
@@ -241,3 +244,36 @@ def eval_classify(model, tok: Tokenizer, data: str | Path | Sequence[Example], t
     preds = _probs(model, ds.rows, ds.pad_id, batch_size).argmax(-1).tolist()
     return {"accuracy": accuracy(preds, ds.label_ids),
             "macro_f1": macro_f1(preds, ds.label_ids), "examples": len(ds)}
+
+
+# ---- the task for lmforge.tasks.finetune -------------------------------------------------------------
+def _build(model_dir, train_file, valid_file, opts: Options) -> Prepared:
+    fields = dict(text_field=opts.text_field, pair_field=opts.pair_field, label_field=opts.label_field)
+    train = read_classify(train_file, **fields)[:opts.limit]
+    labels = label_names(train)
+    model, tok = load_with_tokenizer(model_dir, task="classify", num_labels=len(labels), labels=labels)
+    ds = ClassifyData(train, tok, labels, opts.max_len)
+    valid = read_classify(valid_file, **fields)[:opts.valid_limit] if valid_file else None
+    vds = ClassifyData(valid, tok, labels, opts.max_len) if valid else None
+    return Prepared(model, tok, get_objective("classification"), len(ds),
+                    lambda bs, seed: ds.batches(bs, shuffle=True, seed=seed, epochs=None),
+                    list(vds.batches(opts.eval_batch_size)) if vds else [],
+                    lambda m: eval_classify(m, tok, valid, batch_size=opts.eval_batch_size,
+                                            max_len=opts.max_len) if valid else {})
+
+
+def _evaluate(model, tok: Tokenizer, data_file, opts: Options) -> dict[str, float]:
+    data = read_classify(data_file, opts.text_field, opts.pair_field, opts.label_field)
+    return eval_classify(model, tok, data[:opts.limit], batch_size=opts.eval_batch_size, max_len=opts.max_len)
+
+
+def _predict(model, tok: Tokenizer, inputs, context: str | None, opts: Options) -> list[dict]:
+    if is_file(inputs, ".tsv", ".csv"):
+        texts = [e.text for e in read_classify(inputs, opts.text_field, label_field=None)]
+    else:
+        texts = input_texts(inputs)
+    preds = predict_classify(model, tok, texts, batch_size=opts.eval_batch_size, max_len=opts.max_len)
+    return [{"text": t, "label": label, "probs": probs} for t, (label, probs) in zip(texts, preds)]
+
+
+TASK = Task(build=_build, evaluate=_evaluate, predict=_predict)

@@ -97,11 +97,11 @@ def train_embeddings(model_dir: str | Path, train_file: str | Path, out_dir: str
                      seed: int = 0, progress: bool = False) -> dict:
     """Fine-tune an encoder for sentence embeddings on scored pairs (STS-B format or
     `a<TAB>b<TAB>score`) with the one training loop; report dev Spearman before and after."""
-    from lmforge import api
+    from lmforge.interop.load import load, save
     from lmforge.train.loop import TrainConfig, train
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: expected one of {sorted(LOSSES)}")
-    model, tok = api.load(model_dir, task="embed") if _task(model_dir) != "embed" else api.load(model_dir)
+    model, tok = load(model_dir, task="embed")  # an embedding model keeps its head; any other gets pooling
     if model.cfg.family == "decoder":
         raise ValueError(f"{model_dir}: embedding training needs a model with an encoder")
     pairs = read_sts(train_file)
@@ -116,15 +116,9 @@ def train_embeddings(model_dir: str | Path, train_file: str | Path, out_dir: str
     model.train()
     result = train(model, LOSSES[loss], pair_batches(tok, pairs, batch_size, max_len, seed=seed), cfg)
     model.eval()
-    api.save(model, out_dir, tokenizer=tok)
+    save(model, out_dir, tokenizer=tok)
     metrics = {"train_loss": result.get("train_loss"), "steps": result.get("steps"), "pairs": len(pairs)}
     if valid:
         metrics.update(spearman_before=before, spearman_after=eval_sts(model, tok, valid)["spearman"])
     return metrics
 
-
-def _task(model_dir) -> str:
-    import json
-    cfg = Path(model_dir) / "config.json"
-    d = json.loads(cfg.read_text()) if cfg.is_file() else {}
-    return d.get("task", "embed" if d.get("model_type") == "bert" else "")

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.data.corpus import pad_batch
+from lmforge.data.corpus import jsonl_rows, pad_batch
 from lmforge.evaluate import squad_scores
+from lmforge.interop.load import load_with_tokenizer
+from lmforge.objectives import get_objective
 from lmforge.tasks.classify import length_batches
+from lmforge.tasks.options import Options, Prepared, Task, input_texts, is_file
 from lmforge.tokenizer import Tokenizer
 
 
@@ -232,3 +235,48 @@ def eval_qa(model, tok: Tokenizer, data: str | Path | Sequence[Question], max_le
     preds = predict_qa(model, tok, questions, max_len, doc_stride, batch_size, max_answer_length)
     return {**squad_scores(preds, {q.id: q.answers for q in questions}), "questions": len(questions)}
 
+
+
+# ---- the task for lmforge.tasks.finetune -------------------------------------------------------------
+def _build(model_dir, train_file, valid_file, opts: Options) -> Prepared:
+    model, tok = load_with_tokenizer(model_dir, task="qa")
+    kw = dict(max_len=opts.max_len, doc_stride=opts.doc_stride, max_query_len=opts.max_query_len)
+    train = make_features(tok, read_squad(train_file, limit=opts.limit), **kw)
+    valid = read_squad(valid_file, limit=opts.valid_limit) if valid_file else None
+    vfeats = make_features(tok, valid, **kw) if valid else []
+    return Prepared(model, tok, get_objective("span_qa"), len(train),
+                    lambda bs, seed: qa_batches(train, tok.pad_id, bs, shuffle=True, seed=seed, epochs=None),
+                    list(qa_batches(vfeats, tok.pad_id, opts.eval_batch_size)) if vfeats else [],
+                    lambda m: eval_qa(m, tok, valid, opts.max_len, opts.doc_stride, opts.eval_batch_size,
+                                      opts.max_answer_length) if valid else {})
+
+
+def _evaluate(model, tok: Tokenizer, data_file, opts: Options) -> dict[str, float]:
+    return eval_qa(model, tok, read_squad(data_file, limit=opts.limit), opts.max_len, opts.doc_stride,
+                   opts.eval_batch_size, opts.max_answer_length)
+
+
+def _questions(inputs, context: str | None) -> list[Question]:
+    """A SQuAD .json file, a .jsonl file of {question, context}, or question text(s) with `context`."""
+    if is_file(inputs, ".json"):
+        return read_squad(inputs)
+    if is_file(inputs, ".jsonl"):
+        out = []
+        for n, row in jsonl_rows(inputs):
+            if not isinstance(row.get("question"), str) or not isinstance(row.get("context"), str):
+                raise ValueError(f"{inputs}:{n}: expected a JSON object with 'question' and 'context'")
+            out.append(Question(str(row.get("id", n)), row["question"], row["context"], []))
+        return out
+    if context is None:
+        raise ValueError("qa prediction needs a context: pass context=TEXT, or a .json/.jsonl file")
+    return [Question(str(i), q, context, []) for i, q in enumerate(input_texts(inputs))]
+
+
+def _predict(model, tok: Tokenizer, inputs, context: str | None, opts: Options) -> list[dict]:
+    questions = _questions(inputs, context)
+    answers = predict_qa(model, tok, questions, opts.max_len, opts.doc_stride, opts.eval_batch_size,
+                         opts.max_answer_length)
+    return [{"id": q.id, "question": q.question, "answer": answers[q.id]} for q in questions]
+
+
+TASK = Task(build=_build, evaluate=_evaluate, predict=_predict)

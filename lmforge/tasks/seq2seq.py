@@ -1,9 +1,7 @@
 """Sequence-to-sequence tasks (translation, summarisation): parallel text → batches → beam search → BLEU/chrF/ROUGE.
 
-Data is two line-aligned files (line i of the target translates line i of the
-source), or JSONL with `source` and `target` fields. A pair of files can be named
-as "SRC,TGT" or as a prefix with the two language suffixes (`train` + en, de →
-train.en, train.de).
+Data is read by `lmforge.data.parallel.read_parallel`: two line-aligned files, or JSONL with
+`source` and `target` fields.
 
 Teacher forcing (Vaswani et al. 2017, §5): the decoder reads
 `decoder_input_ids = [start] + y` and learns `labels = y + [eos]`; padded label
@@ -13,85 +11,20 @@ positions are -100. Sources are encoded with the tokenizer's template (e.g. `x <
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from lmforge.data.corpus import jsonl_rows, pad_batch
+from lmforge.config import ModelConfig
+from lmforge.data.corpus import pad_batch
+from lmforge.data.noising import IGNORE_INDEX
+from lmforge.data.parallel import Pair, read_parallel
 from lmforge.evaluate import bleu, chrf, rouge
+from lmforge.interop.load import load_with_tokenizer
+from lmforge.models.heads import Model
+from lmforge.objectives import get_objective
 from lmforge.tasks.classify import length_batches
-from lmforge.tokenizer import Tokenizer
-
-IGNORE = -100  # label value of padded target positions
-
-
-@dataclass
-class Pair:
-    source: str
-    target: str
-
-
-def resolve_files(spec: str | Path | Sequence[str | Path], src_lang: str | None = None,
-                  tgt_lang: str | None = None) -> tuple[Path] | tuple[Path, Path]:
-    """The file(s) a data spec names: a .jsonl file; two files (a sequence or "SRC,TGT"); or a
-    prefix plus src_lang/tgt_lang suffixes."""
-    if isinstance(spec, (list, tuple)):
-        if len(spec) != 2:
-            raise ValueError(f"expected two files (source, target), got {len(spec)}")
-        return Path(spec[0]), Path(spec[1])
-    spec = str(spec)
-    if "," in spec:
-        src, tgt = spec.split(",", 1)
-        return Path(src), Path(tgt)
-    if spec.endswith(".jsonl"):
-        return (Path(spec),)
-    if src_lang and tgt_lang:
-        return Path(f"{spec}.{src_lang}"), Path(f"{spec}.{tgt_lang}")
-    raise ValueError(f"{spec!r}: give a .jsonl file, two files as 'SRC,TGT', or a prefix with src_lang and tgt_lang")
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\r\n") for line in f]
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            raise ValueError(f"{path}:{n}: empty line")
-    return lines
-
-
-def read_parallel(spec: str | Path | Sequence[str | Path], src_lang: str | None = None,
-                  tgt_lang: str | None = None, limit: int | None = None) -> list[Pair]:
-    """Source/target pairs from a spec (see `resolve_files`); empty lines and line-count
-    mismatches are errors naming the file and line."""
-    files = resolve_files(spec, src_lang, tgt_lang)
-    if len(files) == 1:
-        pairs = _read_jsonl(files[0])
-    else:
-        src, tgt = _lines(files[0]), _lines(files[1])
-        if len(src) != len(tgt):
-            short, n = (files[0], len(src)) if len(src) < len(tgt) else (files[1], len(tgt))
-            raise ValueError(f"{files[0]} has {len(src)} lines but {files[1]} has {len(tgt)}: "
-                             f"{short} ends at line {n}, the other continues at line {n + 1}")
-        pairs = [Pair(s, t) for s, t in zip(src, tgt)]
-    if not pairs:
-        raise ValueError(f"{', '.join(map(str, files))}: no sentence pairs")
-    return pairs[:limit] if limit else pairs
-
-
-def _read_jsonl(path: Path) -> list[Pair]:
-    pairs = []
-    for n, row in jsonl_rows(path, skip_empty=False):
-        if not all(isinstance(row.get(k), str) for k in ("source", "target")):
-            raise ValueError(f"{path}:{n}: expected an object with string fields 'source' and 'target'")
-        for k in ("source", "target"):
-            if not row[k].strip():
-                raise ValueError(f"{path}:{n}: empty {k}")
-        pairs.append(Pair(row["source"], row["target"]))
-    return pairs
-
+from lmforge.tasks.options import Options, Prepared, Task, input_texts
+from lmforge.tokenizer import Tokenizer, train_tokenizer_from_iterator
 
 # ---- batches ---------------------------------------------------------------------------------
 def start_id(model_cfg, tok: Tokenizer) -> int:
@@ -121,7 +54,7 @@ class Seq2SeqData:
         """{input_ids, attention_mask (B, S), decoder_input_ids, decoder_attention_mask, labels (B, T)}."""
         ids, mask = pad_batch([self.src[i] for i in idx], self.pad_id)
         dec, dmask = pad_batch([[self.start_id] + self.tgt[i][:-1] for i in idx], self.pad_id)
-        labels, _ = pad_batch([self.tgt[i] for i in idx], IGNORE)
+        labels, _ = pad_batch([self.tgt[i] for i in idx], IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
                 "decoder_attention_mask": dmask, "labels": labels}
 
@@ -193,3 +126,51 @@ def eval_seq2seq(model, tok: Tokenizer, pairs: Sequence[Pair], num_beams: int = 
     """Generate for every source and score against the targets: {bleu, chrf[, rouge1, rouge2, rougeL]}."""
     hyps = translate(model, tok, [p.source for p in pairs], num_beams, max_new_tokens, batch_size, max_len)
     return {**corpus_scores(hyps, [p.target for p in pairs]), "pairs": len(pairs)}
+
+
+# ---- the task for lmforge.tasks.finetune -------------------------------------------------------------
+def fresh_model(preset: str, pairs: Sequence[Pair], opts: Options) -> tuple[Model, Tokenizer]:
+    """A new encoder-decoder from a preset with a joint byte-level BPE trained on both sides."""
+    texts = [p.source for p in pairs] + [p.target for p in pairs]
+    tok = train_tokenizer_from_iterator(texts, "bpe", opts.vocab_size, family="encoder-decoder")
+    cfg = ModelConfig.preset(preset, **{"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+                                        "eos_id": tok.eos_id, "decoder_start_id": tok.bos_id, **opts.model})
+    if cfg.family != "encoder-decoder" or cfg.task != "lm":
+        raise ValueError(f"preset {preset!r} is not an encoder-decoder LM")
+    torch.manual_seed(opts.seed)
+    return Model(cfg), tok
+
+
+def _build(model_dir, train_file, valid_file, opts: Options) -> Prepared:
+    train = read_parallel(train_file, opts.src_lang, opts.tgt_lang, limit=opts.limit)
+    model_dir = str(model_dir)
+    if model_dir.startswith("preset:"):
+        model, tok = fresh_model(model_dir[len("preset:"):], train, opts)
+    else:
+        model, tok = load_with_tokenizer(model_dir)
+        if model.cfg.family != "encoder-decoder" or model.cfg.task != "lm":
+            raise ValueError(f"{model_dir}: seq2seq needs an encoder-decoder LM, got "
+                             f"family={model.cfg.family!r} task={model.cfg.task!r}")
+    start = start_id(model.cfg, tok)
+    ds = Seq2SeqData(train, tok, start, opts.max_len)
+    valid = read_parallel(valid_file, opts.src_lang, opts.tgt_lang, limit=opts.valid_limit) if valid_file else None
+    vds = Seq2SeqData(valid, tok, start, opts.max_len) if valid else None
+    return Prepared(model, tok, get_objective("seq2seq", label_smoothing=opts.label_smoothing), len(ds),
+                    lambda bs, seed: ds.batches(bs, shuffle=True, seed=seed, epochs=None),
+                    list(vds.batches(opts.eval_batch_size)) if vds else [],
+                    lambda m: eval_seq2seq(m, tok, valid, opts.num_beams, opts.eval_batch_size,
+                                           opts.max_new_tokens, opts.max_len) if valid else {})
+
+
+def _evaluate(model, tok: Tokenizer, data_file, opts: Options) -> dict[str, float]:
+    pairs = read_parallel(data_file, opts.src_lang, opts.tgt_lang, limit=opts.limit)
+    return eval_seq2seq(model, tok, pairs, opts.num_beams, opts.eval_batch_size, opts.max_new_tokens, opts.max_len)
+
+
+def _predict(model, tok: Tokenizer, inputs, context: str | None, opts: Options) -> list[dict]:
+    texts = input_texts(inputs)
+    outs = translate(model, tok, texts, opts.num_beams, opts.max_new_tokens, opts.eval_batch_size, opts.max_len)
+    return [{"source": s, "translation": t} for s, t in zip(texts, outs)]
+
+
+TASK = Task(build=_build, evaluate=_evaluate, predict=_predict)

@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue a run exactly.
 
-A checkpoint is one `torch.save` file, `ckpt-<step>.pt`, holding the model and optimizer
-state dicts, the step, the random number generators (torch, CUDA, numpy, Python) and the
-data stream's position. It is written to a temporary name and renamed, so a crash while
+A checkpoint is one `torch.save` file, `ckpt-<step>.pt`, holding a `TrainState`: the model and
+optimizer state dicts, the step, the random number generators (torch, CUDA, numpy, Python),
+the data stream's position and the loop's counters. `TrainState.capture` takes it from a running
+loop, `TrainState.restore` puts it back. It is written to a temporary name and renamed, so a crash while
 saving leaves the previous checkpoints intact; only the last `keep_last` are kept.
 Everything in it is a tensor or plain Python data, so it loads with `weights_only=True`.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.models.io import atomic_write
+from lmforge.atomic import atomic_write
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -81,3 +83,76 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Everything the training loop needs to continue a run exactly (the checkpoint schema).
+
+    Counters: `step` updates done, `tokens` read, `elapsed` seconds of training so far, and the
+    metric sums of the steps since the last log record (`window`, `window_steps`, `window_tokens`),
+    so that a resumed run logs the same numbers as one that ran straight through.
+    """
+
+    step: int
+    tokens: int
+    elapsed: float
+    model: dict
+    optimizer: dict
+    data: dict  # the batch stream's position (see lmforge.train.loop._Counted)
+    rng: dict  # rank 0's generators
+    rng_ranks: list | None  # every process's generators, under torchrun
+    window: dict
+    window_steps: int
+    window_tokens: int
+    scheduler: dict  # {name, step, lr}: for reading; the schedule is a pure function of the step
+    train_config: dict
+    world_size: int = 1
+    model_config: dict | None = None
+    format: int = FORMAT
+
+    @classmethod
+    def capture(cls, model, optimizer, data, *, step: int, tokens: int, elapsed: float, rngs: list[dict],
+                window: dict, window_steps: int, window_tokens: int, train_config, lr: float,
+                world_size: int = 1) -> TrainState:
+        """The state of a running loop; `rngs` holds `rng_state()` of every process (rank 0 first)."""
+        return cls(step=step, tokens=tokens, elapsed=elapsed, model=model.state_dict(),
+                   optimizer=optimizer.state_dict(), data=data.state_dict(), rng=rngs[0],
+                   rng_ranks=rngs if world_size > 1 else None,
+                   window={k: float(v) for k, v in window.items()}, window_steps=window_steps,
+                   window_tokens=window_tokens,
+                   scheduler={"name": train_config.schedule, "step": step, "lr": lr},
+                   train_config=asdict(train_config), world_size=world_size,
+                   model_config=model.cfg.to_dict() if hasattr(model, "cfg") else None)
+
+    def restore(self, model, optimizer, data, rank: int = 0) -> None:
+        """Put the weights, optimizer moments, data position and this process's generators back."""
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        ranks = self.rng_ranks or []
+        set_rng_state(ranks[rank] if rank < len(ranks) else self.rng)
+        data.load_state_dict(self.data)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<checkpoint>") -> TrainState:
+        known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+        if missing or d.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"{source}: not a training checkpoint of format {FORMAT} (missing {', '.join(missing)})")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def save_state(directory: str | Path, state: TrainState, keep_last: int = 3) -> Path:
+    """Write a TrainState as ckpt-<step>.pt (atomically), keeping the newest `keep_last`."""
+    return save_checkpoint(directory, state.step, state.to_dict(), keep_last)
+
+
+def load_state(path: str | Path) -> TrainState:
+    """Read a TrainState written by `save_state`."""
+    return TrainState.from_dict(load_checkpoint(path), str(path))

@@ -7,8 +7,10 @@ Whatever the objective (`(model, batch) -> (loss, metrics)`, see lmforge.objecti
 loop does the same things: AdamW with weight decay on weight matrices only, a learning-rate
 schedule (schedule.py), gradient accumulation and clipping, optional bf16 autocast and
 `torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation,
-JSONL metrics (+ TensorBoard when installed), a progress bar, atomic checkpoints that resume
-exactly, and a loss plot at the end.
+JSONL metrics (+ TensorBoard when installed; log.py), progress (a bar on a terminal, plain
+lines elsewhere), atomic checkpoints that resume exactly (checkpoint.TrainState), and a loss
+plot at the end. It tells its user the parameter count before the first step and, on resume,
+which checkpoint it continued from.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
 one (lmforge.data.batches.Batches does); any other iterator is fast-forwarded by the number
@@ -19,94 +21,34 @@ losses and weights, bit for bit, as one that ran straight through.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
-
+from lmforge.data.noising import IGNORE_INDEX
 from lmforge.evaluate import perplexity
-from lmforge.nn.layers import RelativeBias
+from lmforge.progress import Progress, say
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
+from lmforge.train.config import TrainConfig, TrainingDiverged
+from lmforge.train.log import MetricsLog, plot_losses
 from lmforge.train.schedule import make_schedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; nothing from that step was applied."""
-
-    def __init__(self, step: int, what: str, value: float, checkpoint: Path | None):
-        self.step, self.value, self.checkpoint = step, value, checkpoint
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
-        super().__init__(f"training diverged at step {step}: {what} is {value}; the update was not applied "
-                         f"and {where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip.")
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of the loop. Steps count optimizer updates; each takes `grad_accum` batches."""
-
-    # optimisation
-    lr: float = 3e-4  # peak learning rate; for schedule "noam" the paper's factor (1.0 there)
-    schedule: Literal["cosine", "linear", "constant", "noam"] = "cosine"
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # cosine/linear reach min_lr here; None → max_steps
-    min_lr: float = 0.0
-    weight_decay: float = 0.1  # on weight matrices only (not biases, norms, embeddings)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    batch_size: int = 32  # sequences per batch: read by whoever builds the batches
-    grad_accum: int = 1  # batches per update
-    # how long
-    max_steps: int = 1000
-    max_minutes: float | None = None  # wall-clock budget (a resumed run counts its earlier time); whichever first
-    # runtime
-    device: str = "auto"  # "auto" → cuda when available, else cpu
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast, weights stay float32
-    compile: bool = False  # torch.compile the model for the forward/backward
-    seed: int = 0
-    # evaluation, logging, checkpoints
-    eval_every: int = 0  # steps between evaluations; 0 → only at the end
-    eval_batches: int = 0  # at most this many validation batches per evaluation; 0 → all given
-    log_every: int = 10
-    ckpt_every: int = 0  # steps between checkpoints (needs out_dir); 0 → none
-    keep_last: int = 3
-    out_dir: str | None = None  # log.jsonl, loss.png, checkpoints/ go here; None → no files
-    resume: bool = False  # continue from the newest checkpoint in out_dir/checkpoints
-    progress: bool = True  # tqdm progress bar
-
-    def __post_init__(self):
-        for name in ("lr", "max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be > 0")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_batches", "ckpt_every",
-                     "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
-        if self.schedule not in ("cosine", "linear", "constant", "noam"):
-            raise ValueError(f"TrainConfig.schedule={self.schedule!r}; expected cosine, linear, constant or noam")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected 'float32' or 'bfloat16'")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} must be > 0")
 
 
 # ---- pieces the loop uses ----------------------------------------------------------------------
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names that get weight decay, names that do not). nanoGPT's rule, "2+ dims decays", minus
-    embedding tables (tokens, positions, relative biases): those never decay. Frozen
+    embedding tables: those never decay, nor do the weights of a module that says
+    `no_weight_decay = True` (a table in disguise, such as T5's relative-position bias). Frozen
     parameters are left out; a tied weight appears once."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, RelativeBias))}
+    embeddings = {id(m.weight) for m in model.modules()
+                  if isinstance(m, nn.Embedding) or getattr(m, "no_weight_decay", False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -166,7 +108,7 @@ class _Counted:
 def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max_batches: int = 0,
              device: torch.device | str = "cpu", dtype: str = "float32") -> dict[str, float]:
     """Mean of the objective's metrics over validation batches, each batch weighted by its
-    number of targets (labels != -100; else its rows), named valid_<metric>, plus
+    number of targets (labels != IGNORE_INDEX; else its rows), named valid_<metric>, plus
     valid_perplexity = exp(valid_nll)."""
     device = torch.device(device)
     was_training = model.training
@@ -181,7 +123,7 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             _, metrics = objective(model, _to(batch, device))
         labels = batch.get("labels")
-        w = float((labels != -100).sum()) if labels is not None and labels.dim() == 2 \
+        w = float((labels != IGNORE_INDEX).sum()) if labels is not None and labels.dim() == 2 \
             else float(batch["input_ids"].shape[0])
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -200,73 +142,18 @@ def evaluate(model: nn.Module, objective: Callable, batches: Iterable[dict], max
     return out
 
 
-class _Log:
-    """Metrics records to out_dir/log.jsonl, TensorBoard (if installed) and memory."""
-
-    def __init__(self, out_dir: Path | None, keep_until: int | None):
-        self.records: list[dict] = []
-        self.path = out_dir / "log.jsonl" if out_dir else None
-        self.tb = None
-        if self.path is None:
-            return
-        if keep_until is not None and self.path.is_file():  # resuming: drop what came after the checkpoint
-            old = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in old if r.get("step", 0) <= keep_until]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_losses(records: list[dict], path: Path) -> Path:
-    """Train (and validation) loss against step, as a PNG (matplotlib's Agg canvas, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid_pts = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train loss", lw=1)
-    if valid_pts:
-        ax.plot(*zip(*valid_pts), "o-", label="validation loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 # ---- the loop --------------------------------------------------------------------------------------
 def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: TrainConfig,
           eval_batches: Iterable[dict] | Callable[[], Iterable[dict]] | None = None) -> dict:
     """Train `model` in place on `batches` (an endless iterable of batch dicts) until
-    `cfg.max_steps` updates or `cfg.max_minutes`, whichever comes first.
+    `cfg.max_steps` updates or `cfg.max_minutes`, whichever comes first. With a time budget the
+    decaying schedules (cosine, linear) are stretched over it: a run the budget stops early still
+    ends its schedule (at min_lr) rather than being cut off halfway.
 
     eval_batches: validation batches (a list, re-read at each evaluation, or a function that
-    returns fresh ones). Returns {steps, tokens, seconds, tokens_per_s, train_loss, valid_loss,
-    valid_perplexity, other valid_* metrics, stopped, checkpoint, log, plot}.
+    returns fresh ones). Returns {steps, tokens, seconds, tokens_per_s, parameters, train_loss,
+    first_train_loss, valid_loss, first_valid_loss, valid_perplexity, other valid_* metrics,
+    stopped ("max_steps", "max_minutes" or "data"), resumed_from, resumed_step, checkpoint, log, plot}.
     Raises TrainingDiverged on a NaN/inf loss or gradient norm, before applying that update.
     """
     if (cfg.ckpt_every or cfg.resume) and not cfg.out_dir:
@@ -277,28 +164,36 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     np.random.seed(cfg.seed)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_dir = out / "checkpoints" if out else None
+    talk = cfg.progress and d.main
     model.to(device).train()
     optimizer = make_optimizer(model, cfg, device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     d_model = getattr(getattr(model, "cfg", None), "d_model", None)
-    lr_at = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.decay_steps or cfg.max_steps,
-                          cfg.min_lr, d_model)
+    horizon = cfg.decay_steps or cfg.max_steps
+    lr_at = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, horizon, cfg.min_lr, d_model)
     data = _Counted(distributed.Strided(batches, d.rank, d.world) if d.enabled else batches)
     get_eval = eval_batches if callable(eval_batches) else (lambda: eval_batches)
+    n_params = sum(p.numel() for p in model.parameters())
+    if talk:
+        budget = f" or {cfg.max_minutes:g} minutes" if cfg.max_minutes is not None else ""
+        say(f"model: {n_params:,} parameters ({sum(p.numel() for p in params):,} trained); "
+            f"training for {cfg.max_steps} steps{budget} on {device}")
 
     # resume: model, optimizer, RNGs, data position and counters from the newest checkpoint
     step, tokens, elapsed_before, last_ckpt = 0, 0, 0.0, None
     window, window_steps, window_tokens = {}, 0, 0  # metric sums since the last log record
     if cfg.resume and ckpt_dir is not None and (last_ckpt := ckpt.latest_checkpoint(ckpt_dir)) is not None:
-        state = ckpt.load_checkpoint(last_ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ranks = state.get("rng_ranks") or []
-        ckpt.set_rng_state(ranks[d.rank] if d.rank < len(ranks) else state["rng"])
-        data.load_state_dict(state["data"])
-        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        window, window_steps, window_tokens = state["window"], state["window_steps"], state["window_tokens"]
-    log = _Log(out if d.main else None, keep_until=step if last_ckpt is not None else None)
+        state = ckpt.load_state(last_ckpt)
+        state.restore(model, optimizer, data, d.rank)
+        step, tokens, elapsed_before = state.step, state.tokens, state.elapsed
+        window, window_steps, window_tokens = state.window, state.window_steps, state.window_tokens
+        if talk:
+            say(f"resumed from {last_ckpt}: step {step} of {cfg.max_steps}, "
+                f"{elapsed_before / 60:.1f} minutes of training done")
+    elif cfg.resume and talk:
+        say(f"nothing to resume in {ckpt_dir}: starting from step 0")
+    resumed_from, resumed_step = (str(last_ckpt), step) if last_ckpt is not None else (None, None)
+    log = MetricsLog(out if d.main else None, keep_until=step if last_ckpt is not None else None)
     # a fresh run replaces an earlier run's checkpoints in out_dir (when it writes its first one)
     stale = [] if last_ckpt is not None or ckpt_dir is None or not d.main else ckpt.list_checkpoints(ckpt_dir)
 
@@ -309,20 +204,27 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             return ckpt.checkpoint_path(ckpt_dir, step)
         while stale:
             stale.pop().unlink(missing_ok=True)
-        state = {"format": 1, "step": step, "tokens": tokens, "elapsed": elapsed(),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": {"name": cfg.schedule, "step": step, "lr": lr_at(step)},
-                 "rng": rngs[0], "rng_ranks": rngs if d.enabled else None, "data": data.state_dict(),
-                 "train_config": asdict(cfg), "world_size": d.world,
-                 "window": {k: float(v) for k, v in window.items()}, "window_steps": window_steps,
-                 "window_tokens": window_tokens,
-                 "model_config": model.cfg.to_dict() if hasattr(model, "cfg") else None}
-        return ckpt.save_checkpoint(ckpt_dir, step, state, cfg.keep_last)
+        state = ckpt.TrainState.capture(model, optimizer, data, step=step, tokens=tokens, elapsed=elapsed(),
+                                        rngs=rngs, window=window, window_steps=window_steps,
+                                        window_tokens=window_tokens, train_config=cfg, lr=lr_at(step),
+                                        world_size=d.world)
+        return ckpt.save_state(ckpt_dir, state, cfg.keep_last)
 
     def run_eval() -> dict:
         metrics = evaluate(model, objective, get_eval(), cfg.eval_batches, device, cfg.dtype)
         log.write({"step": step, **metrics})
         return metrics
+
+    def schedule_step() -> float:
+        """The step the schedule reads: the update count or, under a time budget, the share of the
+        budget used times the schedule's length, whichever is further. A run the budget stops
+        before max_steps thus goes through the whole schedule (warmup included) in its time."""
+        if cfg.max_minutes is None or cfg.schedule not in ("cosine", "linear"):
+            return step
+        used = min(1.0, elapsed() / (cfg.max_minutes * 60))
+        if d.enabled:  # every process must use the same learning rate
+            used = distributed.sum_all([used], device)[0] / d.world
+        return max(step, used * horizon)
 
     # find_unused_parameters: a task may leave parameters without gradient (BERT's pooler when
     # training embeddings); it also allows objectives that call the model twice (sentence pairs)
@@ -333,8 +235,9 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     start = time.perf_counter()
     elapsed = lambda: elapsed_before + time.perf_counter() - start  # noqa: E731
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and d.main), unit="step",
-               dynamic_ncols=True)
+    # off a terminal, about 20 plain progress lines per run, each at a log record
+    every = cfg.log_every * max(1, math.ceil(cfg.max_steps / 20 / cfg.log_every))
+    bar = Progress(cfg.max_steps, "training", "step", every=every, initial=step, disable=not talk)
     window_t0 = time.perf_counter()
     last_train, valid, stopped, evaluated_at = {}, {}, "max_steps", None
     try:
@@ -342,7 +245,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             if cfg.max_minutes is not None and distributed.any_all(elapsed() >= cfg.max_minutes * 60, device):
                 stopped = "max_minutes"
                 break
-            lr = lr_at(step)
+            lr = lr_at(schedule_step())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # forward/backward over grad_accum batches; the loss is averaged like one big batch
@@ -381,7 +284,6 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             window_steps += 1
             tokens += step_tokens
             window_tokens += step_tokens
-            bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - window_t0
@@ -390,19 +292,19 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
                           "tokens": tokens, "tokens_per_s": window_tokens / dt if dt > 0 else 0.0,
                           "elapsed": round(elapsed(), 3)}
                 log.write(record)
-                bar.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
+                bar.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 window, window_steps, window_tokens, window_t0 = {}, 0, 0, time.perf_counter()
             if eval_batches is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 t = time.perf_counter()
                 valid, evaluated_at = run_eval(), step
-                bar.set_postfix(loss=f"{last_train.get('loss', float('nan')):.4f}",
-                                val=f"{valid['valid_loss']:.4f}")
+                bar.set_postfix(**bar.postfix, val=f"{valid['valid_loss']:.4f}")
                 window_t0 += time.perf_counter() - t  # evaluation time is not training throughput
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 t = time.perf_counter()
                 last_ckpt = checkpoint()
                 window_t0 += time.perf_counter() - t  # nor is checkpointing
+            bar.update(1)
         if window_steps:  # steps since the last log record
             last_train = _mean_over_processes(window, window_steps, d, device)
             log.write({"step": step, **last_train, "tokens": tokens, "elapsed": round(elapsed(), 3)})
@@ -416,9 +318,13 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     distributed.barrier()  # every process returns once rank 0 has written its files
     seconds = elapsed()
     plot = plot_losses(log.records, out / "loss.png") if out and d.main else None
+    train_losses = [r["loss"] for r in log.records if "loss" in r]
+    valid_losses = [r["valid_loss"] for r in log.records if "valid_loss" in r]
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-            "train_loss": last_train.get("loss"), **valid, "stopped": stopped,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "parameters": n_params,
+            "train_loss": last_train.get("loss"), "first_train_loss": train_losses[0] if train_losses else None,
+            "first_valid_loss": valid_losses[0] if valid_losses else None, **valid, "stopped": stopped,
+            "resumed_from": resumed_from, "resumed_step": resumed_step,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             "log": str(log.path) if log.path else None, "plot": str(plot) if plot else None}
 
