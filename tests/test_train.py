@@ -301,8 +301,17 @@ def test_resume_says_what_it_resumed_from_and_when_nothing_is_left(tmp_path, cap
     err = capsys.readouterr().err
     assert f"resumed from {tmp_path / 'checkpoints' / 'ckpt-00000004.pt'}: step 4 of 4" in err
     assert out["resumed_step"] == out["steps"] == 4 and out["resumed_from"].endswith("ckpt-00000004.pt")
+    assert [step for step, _ in _losses(tmp_path / "log.jsonl")] == [1, 2, 3, 4]  # nothing logged twice
+    assert out["train_loss"] == _losses(tmp_path / "log.jsonl")[-1][1]
     more = train(_model(), causal_lm, lm_batches(_tokens(), 16, 2), _cfg(resume=True, **{**kw, "max_steps": 6}))
     assert more["steps"] == 6 and more["resumed_step"] == 4
+    # a run its data stopped between two log records: resuming it logs nothing twice
+    short = dict(max_steps=10, log_every=4, ckpt_every=4, out_dir=str(tmp_path / "short"))
+    first = train(_model(), causal_lm, itertools.islice(lm_batches(_tokens(), 16, 2), 5), _cfg(**short))
+    again = train(_model(), causal_lm, itertools.islice(lm_batches(_tokens(), 16, 2), 5), _cfg(resume=True, **short))
+    assert first["stopped"] == again["stopped"] == "data" and again["resumed_step"] == again["steps"] == 5
+    assert [step for step, _ in _losses(tmp_path / "short" / "log.jsonl")] == [4, 5]
+    assert again["train_loss"] == first["train_loss"]
 
 
 def test_a_module_marked_no_weight_decay_is_not_decayed():

@@ -305,7 +305,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
                 last_ckpt = checkpoint()
                 window_t0 += time.perf_counter() - t  # nor is checkpointing
             bar.update(1)
-        if window_steps:  # steps since the last log record
+        if window_steps and step != resumed_step:  # steps since the last log record (not logged yet)
             last_train = _mean_over_processes(window, window_steps, d, device)
             log.write({"step": step, **last_train, "tokens": tokens, "elapsed": round(elapsed(), 3)})
         if eval_batches is not None and evaluated_at != step:
@@ -322,7 +322,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     valid_losses = [r["valid_loss"] for r in log.records if "valid_loss" in r]
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "parameters": n_params,
-            "train_loss": last_train.get("loss"), "first_train_loss": train_losses[0] if train_losses else None,
+            "train_loss": last_train.get("loss", train_losses[-1] if train_losses else None), "first_train_loss": train_losses[0] if train_losses else None,
             "first_valid_loss": valid_losses[0] if valid_losses else None, **valid, "stopped": stopped,
             "resumed_from": resumed_from, "resumed_step": resumed_step,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
