@@ -1,0 +1,94 @@
+"""Group `train`: training tokens/s, lmforge vs HF transformers, fp32 and bf16 autocast.
+
+The HF setup worker saves each random seeded model; both contenders load the same weights
+and run AdamW (lr 1e-4, weight decay 0.01) on the same fixed batch, one repeat being a few
+steps. MFU: FLOPs of one step (torch's FLOP counter on HF's step: matmuls and attention,
+forward and backward) × steps/s ÷ the measured matmul ceiling of that dtype.
+
+    GPT-2-like  6 layers × 384, 6 heads, vocab 8192, batch 8 × 256        causal LM
+    BERT-like   6 layers × 384, 6 heads, vocab 8192, batch 16 × 128       MLM, 15% targets
+    T5-like     4+4 layers × 256, 4 heads, vocab 8192, batch 16 × 128 → 32
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from bench.timing import Lineup, Settings, compare
+
+V = 8192
+
+
+def models(smoke: bool) -> dict:
+    """name → (label, family, HF config, batch size, source length, target length)."""
+    if smoke:  # the machinery only: tiny shapes
+        return {"gpt2": ("GPT-2-like 2x64 (smoke)", "gpt2", dict(vocab_size=512, n_embd=64, n_layer=2, n_head=2,
+                                                                 n_positions=32), 2, 32, 0)}
+    no_drop = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return {
+        "gpt2": ("GPT-2-like 6x384", "gpt2", dict(vocab_size=V, n_embd=384, n_layer=6, n_head=6, n_positions=256,
+                                                  **no_drop), 8, 256, 0),
+        "bert": ("BERT-like 6x384 MLM", "bert", dict(
+            vocab_size=V, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+            max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), 16, 128, 0),
+        "t5": ("T5-like 4+4x256", "t5", dict(
+            vocab_size=V, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4,
+            dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), 16, 128, 32),
+    }
+
+
+def batch(family: str, vocab: int, b: int, s: int, t: int, seed: int) -> tuple[dict, int]:
+    """One seeded batch as lists (both workers build the same tensors); tokens it counts."""
+    rng = random.Random(seed)
+    ids = [[rng.randrange(5, vocab) for _ in range(s)] for _ in range(b)]
+    if family == "gpt2":
+        return {"input_ids": ids, "labels": ids}, b * s
+    ones = [[1] * s for _ in range(b)]
+    if family == "bert":
+        labels = [[x if rng.random() < 0.15 else -100 for x in row] for row in ids]
+        return {"input_ids": ids, "attention_mask": ones, "labels": labels}, b * s
+    labels = [[rng.randrange(2, vocab) for _ in range(t)] for _ in range(b)]
+    return {"input_ids": ids, "attention_mask": ones, "labels": labels}, b * (s + t)
+
+
+def run(settings: Settings, ceilings: dict) -> list[dict]:
+    steps = 1 if settings.quick or settings.smoke else 3
+    out = []
+    for i, (name, (label, family, config, b, s, t)) in enumerate(models(settings.smoke).items()):
+        lineup = Lineup(settings)
+        setup = f"setup {label}"
+        lineup.start(setup, "hf", "transformers")
+        lm, hf = f"lmforge {label}", f"HF {label}"
+        lineup.start(lm, "lmforge_worker", "torch")
+        lineup.start(hf, "hf", "transformers")
+        measured = []
+        try:
+            ckpt = os.path.join(settings.tmp, f"train-{name}")
+            lineup.workers[setup].prepare("save", "save", family=family, config=config, dir=ckpt)
+            lineup.workers[setup].close()
+            data, tokens = batch(family, config["vocab_size"], b, s, t, seed=i)
+            for dtype in ("fp32", "bf16"):
+                args = dict(dir=ckpt, family=family, batch=data, dtype=dtype, steps=steps, tokens=tokens)
+                cs = [lineup.prepare(lm, "lmforge", dtype, "train", **args),
+                      lineup.prepare(hf, "HF", dtype, "train", **args)]
+                cs = [c for c in cs if c is not None]
+                flops = next((c.info["flops_per_step"] for c in cs if "flops_per_step" in c.info), None)
+                ceiling = ceilings.get(f"{dtype}_gflops")
+                for c in cs:
+                    c.limit_pct = _mfu(flops, tokens, ceiling)
+                measured.append(compare(
+                    settings, "train", label, f"{dtype}{' autocast' if dtype == 'bf16' else ''}, batch {b}x{s}",
+                    "tok/s", ["lmforge"], cs, limit=f"MFU (% of {dtype} matmul ceiling)",
+                    missing=lineup.missing_of(["lmforge", "HF"]), steps_per_repeat=steps,
+                    first_loss={c.label: c.info.get("first_loss") for c in cs}))
+        finally:
+            lineup.close(measured)
+        out += measured
+    return out
+
+
+def _mfu(flops_per_step, tokens_per_step, ceiling_gflops):
+    if not flops_per_step or not ceiling_gflops:
+        return None
+    return lambda rate: 100 * rate / tokens_per_step * flops_per_step / (ceiling_gflops * 1e9)

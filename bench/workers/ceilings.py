@@ -1,0 +1,34 @@
+"""The machine's ceilings, measured with torch at the suite's thread count: fp32 and bf16
+matmul FLOP/s and memory read bandwidth. Each case's run returns the work it did (FLOPs or
+bytes); the parent keeps the best rate over repeats."""
+
+import torch
+
+from bench.workers.serve import serve, threads
+
+
+def matmul(dtype: str, n: int = 2048):
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dt) for _ in range(2))
+    out = torch.empty(n, n, dtype=dt)
+
+    def run():
+        torch.mm(a, b, out=out)
+        return 2.0 * n ** 3
+    return run, {"shape": [n, n, n], "dtype": dtype}
+
+
+def bandwidth(mib: int = 512):
+    # far larger than any L3: every repeat streams the whole tensor from memory
+    x = torch.ones(mib * 2 ** 20 // 4, dtype=torch.float32)
+
+    def run():
+        x.sum()
+        return float(x.numel() * 4)
+    return run, {"bytes": x.numel() * 4}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(threads())
+    serve({"matmul": matmul, "bandwidth": bandwidth})
