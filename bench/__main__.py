@@ -1,6 +1,6 @@
 """Run the benchmark suite: every group, or one.
 
-    python -m bench [train|decode|chat|llm|embed|ceilings] [--quick] [--threads N] [--out results.json]
+    python -m bench [train|decode|chat|llm|embed|ceilings] [--quick] [--threads N] [--out runs/bench/results.json]
 
 Prints one table; writes the JSON (machine, versions, every rate of every repeat) and a
 bar chart of the ratios next to it. The ceilings are measured in every run: the other
@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 
 from bench import ceilings, chat, decode, embed, train
 from bench.report import format_table, plot
@@ -57,7 +58,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every contender (all cores)")
     ap.add_argument("--repeats", type=int, help="timed repeats after warm-up (default 5; --quick 2)")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between contenders (at least 1)")
-    ap.add_argument("--out", default="results.json", help="JSON file; the chart goes next to it as .png")
+    ap.add_argument("--out", default=os.path.join("runs", "bench", "results.json"),
+                    help="JSON file (default %(default)s); the chart goes next to it as .png")
     a = ap.parse_args(argv)
     if a.pause < 1.0 and not a.smoke:
         ap.error(f"--pause {a.pause}: at least 1 s between contenders (OpenMP threads spin after a region)")
@@ -74,11 +76,17 @@ def main(argv=None) -> dict:
         for k in ("log_dir", "tmp"):
             results["settings"].pop(k)
         print(f"bench: {group}, {repeats} repeats, {a.threads} threads; worker logs in {logs}", file=sys.stderr)
+        start = time.perf_counter()
         results["ceilings"] = ceilings.run(s)
+        results["seconds"] = {"ceilings": time.perf_counter() - start}
         for name, module in GROUPS.items():
             if group in ("all", name):
+                t = time.perf_counter()
                 results["measurements"] += module.run(s, results["ceilings"])
+                results["seconds"][name] = time.perf_counter() - t
+        results["seconds"]["total"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = list(os.getloadavg())
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     png = os.path.splitext(a.out)[0] + ".png"

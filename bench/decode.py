@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 
-from bench.timing import Lineup, Settings, compare, installed
+from bench.timing import Lineup, Settings, compare, installed, save_checkpoints
 
 V, PROMPT = 8192, 32
 CASES = [("greedy b1", 1, {}), ("greedy b8", 8, {}), ("beam 4", 1, {"num_beams": 4}), ("top-k 50", 1, {"top_k": 50})]
@@ -55,14 +55,13 @@ def convert_ct2(hf_dir: str, out_dir: str, settings: Settings) -> str | None:
 def run(settings: Settings, ceilings: dict) -> list[dict]:
     new = 16 if settings.smoke else 128
     bandwidth = ceilings.get("read_gbs")
+    specs = models(settings.smoke)
+    ckpts = save_checkpoints(settings, {name: (family, config) for name, (_, family, config) in specs.items()},
+                             "decode", with_tokenizer=True)
     out = []
-    for name, (label, family, config) in models(settings.smoke).items():
+    for name, (label, family, config) in specs.items():
         lineup = Lineup(settings)
-        setup = f"setup {label}"
-        lineup.start(setup, "hf", "transformers")
-        ckpt = os.path.join(settings.tmp, f"decode-{name}")
-        lineup.workers[setup].prepare("save", "save", family=family, config=config, dir=ckpt, with_tokenizer=True)
-        lineup.workers[setup].close()
+        ckpt = ckpts[name]
         workers = {"lmforge": ("lmforge_worker", "torch"), "HF": ("hf", "transformers"), "CT2": ("ct2", "ctranslate2"),
                    "lmforge int8": ("lmforge_worker", "torch"), "CT2 int8": ("ct2", "ctranslate2")}
         ct2_dir = None

@@ -196,3 +196,17 @@ class Lineup:
         for w in self.workers.values():
             w.close()
         attach_rss(measurements, list(self.workers.values()))
+
+
+def save_checkpoints(settings: Settings, specs: dict[str, tuple[str, dict]], prefix: str, **kw) -> dict[str, str]:
+    """Save a random seeded HF model per {name: (family, config)} under settings.tmp, from one
+    setup worker (not a contender: its memory is not anyone's); returns {name: directory}."""
+    w = Worker("hf", f"setup {prefix}", settings)
+    dirs = {}
+    try:
+        for name, (family, config) in specs.items():
+            dirs[name] = os.path.join(settings.tmp, f"{prefix}-{name}")
+            w.prepare(name, "save", family=family, config=config, dir=dirs[name], **kw)
+    finally:
+        w.close()
+    return dirs

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 
-from bench.timing import Lineup, Settings, compare
+from bench.timing import Lineup, Settings, compare, save_checkpoints
 
 V = 8192
 
@@ -54,22 +54,20 @@ def batch(family: str, vocab: int, b: int, s: int, t: int, seed: int) -> tuple[d
 
 def run(settings: Settings, ceilings: dict) -> list[dict]:
     steps = 1 if settings.quick or settings.smoke else 3
+    specs = models(settings.smoke)
+    ckpts = save_checkpoints(settings, {name: (family, config) for name, (_, family, config, *_) in specs.items()},
+                             "train")
     out = []
-    for i, (name, (label, family, config, b, s, t)) in enumerate(models(settings.smoke).items()):
+    for i, (name, (label, family, config, b, s, t)) in enumerate(specs.items()):
         lineup = Lineup(settings)
-        setup = f"setup {label}"
-        lineup.start(setup, "hf", "transformers")
         lm, hf = f"lmforge {label}", f"HF {label}"
         lineup.start(lm, "lmforge_worker", "torch")
         lineup.start(hf, "hf", "transformers")
         measured = []
         try:
-            ckpt = os.path.join(settings.tmp, f"train-{name}")
-            lineup.workers[setup].prepare("save", "save", family=family, config=config, dir=ckpt)
-            lineup.workers[setup].close()
             data, tokens = batch(family, config["vocab_size"], b, s, t, seed=i)
             for dtype in ("fp32", "bf16"):
-                args = dict(dir=ckpt, family=family, batch=data, dtype=dtype, steps=steps, tokens=tokens)
+                args = dict(dir=ckpts[name], family=family, batch=data, dtype=dtype, steps=steps, tokens=tokens)
                 cs = [lineup.prepare(lm, "lmforge", dtype, "train", **args),
                       lineup.prepare(hf, "HF", dtype, "train", **args)]
                 cs = [c for c in cs if c is not None]
@@ -81,7 +79,7 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                     settings, "train", label, f"{dtype}{' autocast' if dtype == 'bf16' else ''}, batch {b}x{s}",
                     "tok/s", ["lmforge"], cs, limit=f"MFU (% of {dtype} matmul ceiling)",
                     missing=lineup.missing_of(["lmforge", "HF"]), steps_per_repeat=steps,
-                    first_loss={c.label: c.info.get("first_loss") for c in cs}))
+                    flops_per_step=flops, first_loss={c.label: c.info.get("first_loss") for c in cs}))
         finally:
             lineup.close(measured)
         out += measured
