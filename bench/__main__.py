@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "machine": machine(), "versions": versions(), "settings": {**vars(s), "warmup": s.warmup},
-                   "ceilings": {}, "measurements": []}
+                   "ceilings": {}, "measurements": [], "errors": {}}
         for k in ("log_dir", "tmp"):
             results["settings"].pop(k)
         print(f"bench: {group}, {repeats} repeats, {a.threads} threads; worker logs in {logs}", file=sys.stderr)
@@ -82,7 +82,11 @@ def main(argv=None) -> dict:
         for name, module in GROUPS.items():
             if group in ("all", name):
                 t = time.perf_counter()
-                results["measurements"] += module.run(s, results["ceilings"])
+                try:
+                    results["measurements"] += module.run(s, results["ceilings"])
+                except Exception as e:  # a broken group must not cost the others' figures
+                    results["errors"][name] = f"{type(e).__name__}: {e}"
+                    print(f"bench: group {name} failed: {results['errors'][name]}", file=sys.stderr)
                 results["seconds"][name] = time.perf_counter() - t
         results["seconds"]["total"] = time.perf_counter() - start
     results["machine"]["loadavg_end"] = list(os.getloadavg())

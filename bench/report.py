@@ -28,6 +28,11 @@ def _header(results: dict) -> list[str]:
              + (" · --quick: fewer repeats than the 5 a published figure needs" if s["quick"] else "")
              + (" · --smoke: tiny shapes, machinery only" if s.get("smoke") else ""),
              f"libraries: {libs}"]
+    busy = load and load[0] > 0.5 * m["cores"]
+    if s["quick"] or s.get("smoke") or busy:
+        lines.append("**Not clean figures:** " + ("a --quick run; " if s["quick"] else "")
+                     + (f"the machine was busy (load average {load[0]:.1f} on {m['cores']} cores); " if busy else "")
+                     + "rerun `python -m bench` on idle cores before quoting them.")
     c = results.get("ceilings") or {}
     if c:
         lines.append(f"ceilings: fp32 matmul {_num(c.get('fp32_gflops'))} GFLOP/s, bf16 matmul "
@@ -58,7 +63,8 @@ def format_table(results: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"{m['group']} {m['model']}: % of limit = {m['limit']}" for m in results["measurements"]
              if m.get("limit")]
-    return "\n".join(_header(results) + [""] + lines + [""] + list(dict.fromkeys(notes)))
+    errors = [f"group {k} failed: {v}" for k, v in results.get("errors", {}).items()]
+    return "\n".join(_header(results) + [""] + lines + [""] + list(dict.fromkeys(notes)) + errors)
 
 
 def readme_block(results: dict) -> str:
@@ -67,6 +73,7 @@ def readme_block(results: dict) -> str:
     out += [line + "  " for line in _header(results)]
     out += ["", "| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in table_rows(results)]
+    out += [f"\ngroup {k} failed: {v}" for k, v in results.get("errors", {}).items()]
     out += ["", "Command: `" + results.get("command", "python -m bench") + "`. % of limit: MFU for training, "
             "weights read per step × steps/s ÷ read bandwidth for decoding, 2 × weights × tokens/s ÷ fp32 "
             "matmul ceiling for prompt processing. Ratios are lmforge's rate over the reference's.", END]

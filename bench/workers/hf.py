@@ -35,7 +35,8 @@ def save(family: str, config: dict, dir: str, with_tokenizer: bool = False):
     torch.manual_seed(0)
     cfg_cls, cls = CLASSES[family]
     model = cls(cfg_cls(**config))
-    model.generation_config.eos_token_id = None  # decoding runs exactly max_new_tokens
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = None  # decoding runs exactly max_new_tokens
     model.save_pretrained(dir)
     if with_tokenizer:
         word_tokenizer(config["vocab_size"]).save_pretrained(dir)
