@@ -49,7 +49,7 @@ def table_rows(results: dict) -> list[list[str]]:
             rows.append([m["group"], m["model"], m["case"], label, f"{_num(c['rate'])} {m['unit']}",
                          ", ".join(ratios) or "", _num(c.get("limit_pct")), _num(c.get("peak_rss_mb"), ",.0f")])
         for label, why in m.get("missing", {}).items():
-            rows.append([m["group"], m["model"], m["case"], label, "not measured", why[:60], "", ""])
+            rows.append([m["group"], m["model"], m["case"], label, "not measured", why[:90], "", ""])
     return rows
 
 
@@ -63,6 +63,11 @@ def format_table(results: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"{m['group']} {m['model']}: % of limit = {m['limit']}" for m in results["measurements"]
              if m.get("limit")]
+    notes += [f"{m['group']} {m['model']}: minimum cosine between the two sets of embeddings {m['min_cosine']:.6f}"
+              for m in results["measurements"] if m.get("min_cosine") is not None]
+    notes += [f"{m['group']} {m['model']} {m['case']}: first-step loss " + ", ".join(
+        f"{k} {v:.5f}" for k, v in m["first_loss"].items() if v is not None)
+        for m in results["measurements"] if m.get("first_loss")]
     errors = [f"group {k} failed: {v}" for k, v in results.get("errors", {}).items()]
     return "\n".join(_header(results) + [""] + lines + [""] + list(dict.fromkeys(notes)) + errors)
 
@@ -92,10 +97,11 @@ def plot(results: dict, png: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     bars = [(f"{m['group']} {m['model']} {m['case']}: {k}", v) for m in results["measurements"]
             for k, v in m["ratios"].items()]
     fig, ax = plt.subplots(figsize=(13, 0.28 * len(bars) + 1.5))
-    fig.subplots_adjust(left=0.45, right=0.95)
+    fig.subplots_adjust(left=0.45, right=0.95, top=1 - 0.6 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
     if bars:
         names, values = zip(*bars)
         ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
@@ -104,6 +110,9 @@ def plot(results: dict, png: str) -> None:
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
     ax.set_xscale("log")  # 0.5x and 2x the same distance from 1x
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.125, 0.25, 0.5, 1, 2, 4, 8]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlabel("ratio lmforge / reference (median of per-repeat ratios, log scale)")
     m = results["machine"]

@@ -97,8 +97,8 @@ def bf16_fast(ceilings: dict) -> bool:
 
 
 def _skipped(label: str, b: int, s: int, ceilings: dict) -> dict:
-    why = (f"bf16 matmul runs at {ceilings.get('bf16_gflops', 0):.1f} GFLOP/s here against "
-           f"{ceilings.get('fp32_gflops', 0):.1f} fp32 (no fast bf16 kernels on this CPU): skipped")
+    why = (f"skipped: bf16 matmul {ceilings.get('bf16_gflops', 0):.1f} GFLOP/s vs fp32 "
+           f"{ceilings.get('fp32_gflops', 0):.1f} here (no fast bf16 kernels)")
     return {"group": "train", "model": label, "case": f"bf16 autocast, batch {b}x{s}", "unit": "tok/s",
             "subjects": ["lmforge"], "contenders": {}, "ratios": {}, "missing": {"lmforge": why, "HF": why}}
 
