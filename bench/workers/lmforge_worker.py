@@ -84,7 +84,7 @@ def train(dir: str, family: str, batch: dict, dtype: str, steps: int, tokens: in
         for _ in range(steps):
             step()
         return float(tokens * steps)
-    return run, {"first_loss": first_loss, "version": lmforge.__dict__.get("__version__", "")}
+    return run, {"first_loss": first_loss}
 
 
 def decode(dir: str, prompts: list[list[int]], new_tokens: int, num_beams: int = 1, top_k: int | None = None,
