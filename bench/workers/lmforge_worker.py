@@ -1,0 +1,136 @@
+"""lmforge contender. Every call into lmforge's API lives in this module: the generation API
+is being reworked, and `lmforge_generate` below is the one place to adapt."""
+
+import contextlib
+
+import torch
+
+import lmforge
+from bench.workers.serve import serve, threads
+from lmforge.embed import embed as lmforge_embed
+from lmforge.generate import SamplingParams, generate
+from lmforge.interop.hf import load_hf
+from lmforge.models.heads import LMHead
+from lmforge.objectives import causal_lm, masked_lm, seq2seq
+
+OBJECTIVES = {"gpt2": causal_lm, "bert": masked_lm, "t5": seq2seq}
+_models: dict = {}
+
+
+def lmforge_generate(model, ids: torch.Tensor, new_tokens: int, num_beams: int = 1, top_k: int | None = None):
+    """Exactly new_tokens per prompt (no EOS): greedy, beam search (num_beams > 1) or top-k
+    sampling (seeded). Returns the number of new tokens of the answers."""
+    strategy = "beam" if num_beams > 1 else "sample" if top_k else "greedy"
+    out = generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, strategy=strategy,
+                   num_beams=num_beams, sampling=SamplingParams(top_k=top_k) if top_k else None,
+                   seed=0 if top_k else None, eos_ids=[])
+    return float(sum(len(row) for row in out.tolist()))
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decoding step reads: every linear layer on the decoder's path and
+    the LM head (encoder layers and cross-attention k/v run once per generation, not per step)."""
+    total = 0
+    for name, m in model.named_modules():
+        if ".encoder." in f".{name}." or name.endswith(("cross.k", "cross.v")) or name == "lm_head":
+            continue
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Int8Linear":
+            total += sum(t.numel() * t.element_size() for t in [*m.parameters(False), *m.buffers(False)])
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, LMHead):
+        w = model.backbone.tokens.weight if head.weight is None else head.weight
+        total += w.numel() * w.element_size()
+    elif head is not None:  # int8 head: its own int8 copy and scales
+        total += sum(t.numel() * t.element_size() for t in [*head.parameters(False), *head.buffers(False)])
+    return total
+
+
+def _int8(model):
+    from lmforge.models.quantize import quantize_int8
+    return quantize_int8(model)
+
+
+def _load(path: str, int8: bool = False):
+    """A model from an HF directory or a GGUF file (cached: one per path and precision)."""
+    key = (path, int8)
+    if key not in _models:
+        if path.endswith(".gguf"):
+            _models[key] = lmforge.load(path, int8=int8)
+        else:
+            model = load_hf(path).eval()
+            _models[key] = (_int8(model) if int8 else model), None
+    return _models[key]
+
+
+def train(dir: str, family: str, batch: dict, dtype: str, steps: int, tokens: int):
+    """AdamW (lr 1e-4, weight decay 0.01) steps on one fixed batch through lmforge's objective."""
+    model = load_hf(dir).train()
+    b = {k: torch.tensor(v) for k, v in batch.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    objective = OBJECTIVES[family]
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+    def step():
+        with cast:
+            loss = objective(model, b)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    first_loss = step()
+
+    def run():
+        for _ in range(steps):
+            step()
+        return float(tokens * steps)
+    return run, {"first_loss": first_loss}
+
+
+def decode(dir: str, prompts: list[list[int]], new_tokens: int, num_beams: int = 1, top_k: int | None = None,
+           int8: bool = False):
+    model, _ = _load(dir, int8)
+    ids = torch.tensor(prompts)
+
+    def run():
+        with torch.inference_mode():
+            return lmforge_generate(model, ids, new_tokens, num_beams, top_k)
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model)}
+
+
+def chat_prompt(gguf: str, text: str, repeat: int = 1):
+    """The token ids of a one-turn chat prompt (text repeated `repeat` times), with the
+    model's own chat template: every contender then gets the very same ids."""
+    model, tok = _load(gguf)
+    ids = tok.encode(lmforge.api.chat_prompt(tok, [{"role": "user", "content": " ".join([text] * repeat)}]))
+    # prompt processing multiplies every weight matrix but the token table (the LM head runs
+    # for the last position only): ~2 FLOPs per such weight per prompt token
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "tokens" not in n)
+    return (lambda: 0.0), {"ids": ids, "weight_bytes_per_step": weight_bytes_per_step(model),
+                           "matmul_params": matmul_params}
+
+
+def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False):
+    """Batch-1 greedy decoding of exactly new_tokens (new_tokens=1: prompt processing)."""
+    model, _ = _load(gguf, int8)
+    ids = torch.tensor([prompt])
+
+    def run():
+        with torch.inference_mode():
+            n = lmforge_generate(model, ids, new_tokens)
+        return n if new_tokens > 1 else float(len(prompt))
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model)}
+
+
+def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):
+    model, tok = lmforge.load(model_dir)
+
+    def run():
+        lmforge_embed(model, tok, sentences, batch_size=batch_size)
+        return float(len(sentences))
+    return run, {"check": lmforge_embed(model, tok, sentences[:check], batch_size=batch_size).tolist()}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(threads())
+    serve({"train": train, "decode": decode, "chat_prompt": chat_prompt, "chat": chat, "embed": embed})
