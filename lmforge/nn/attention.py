@@ -5,7 +5,8 @@
     MultiHead = Concat(head_1..head_h) W^O
 
 computed by `F.scaled_dot_product_attention`. M is one additive mask that folds the
-causal mask, padding and (T5) relative position bias together.
+causal mask, padding and (T5) relative position bias together. `QKV` holds the projections
+q, k, v; while decoding (a KV cache that carries RowBlocks) it computes them as one product.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class QKV(nn.Module):
 
 
 class Attention(QKV):
+    """Self- or cross-attention over the QKV projections: one path for training, prefill and
+    decoding (rotary positions and the KV cache written once, whichever way q/k/v were made)."""
+
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__(cfg)
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -74,9 +74,9 @@ class RowBlocks:
 
     oneDNN spends ~11 µs setting up each call, more than a 256x256 product of one row takes.
     Here the weight W (out, in) of a `Linear`, or several stacked ([W_q; W_k; W_v]: one
-    product instead of three), is copied once into P column blocks of W^T, (P, in, out/P),
-    and y = x W^T + b runs as one batched MKL GEMM over the blocks (P = threads, a block
-    each). Used for products of rows * W.numel() <= max_elements (default 2^21 elements,
+    product instead of three, copied once), is seen as P column blocks of W^T, (P, in,
+    out/P), and y = x W^T + b runs as one batched MKL GEMM over the blocks (P = threads, a
+    block each). Used for products of rows * W.numel() <= max_elements (default 2^21 elements,
     LMFORGE_ROW_BLOCKS), on CPU in float32 without gradients.
 
     One generation owns one RowBlocks (the decoding state makes it, the KV cache carries it
@@ -129,10 +129,11 @@ class RowBlocks:
         """(blocks of [W...]^T or None, bias blocks or None, (P, in, out/P))."""
         out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
         P = self.parts if out % self.parts == 0 else 1
-        wb = bb = None  # too large even for one row: no copy, only the shape
+        wb = bb = None  # too large even for one row: nothing, only the shape
         if out * inp <= self.max_elements:
-            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
-            wb = w.view(P, out // P, inp).transpose(1, 2).contiguous()
+            # one weight: a view (no copy; MKL reads the transposed blocks as fast); stacked: one copy
+            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
+            wb = w.view(P, out // P, inp).transpose(1, 2)
             bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
         return wb, bb, (P, inp, out // P)
 
