@@ -98,9 +98,14 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep_last: in
         raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror or e}; no partial file was "
                                f"left and {kept}{hint}") from e
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
-        checksum_path(old).unlink(missing_ok=True)
+        remove_checkpoint(old)
     return path
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint, then its checksum (so no checkpoint is ever without one)."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
 
 
 def verify_checkpoint(path: str | Path) -> None:

@@ -10,7 +10,8 @@ schedule (schedule.py), gradient accumulation and clipping, optional bf16 autoca
 JSONL metrics (+ TensorBoard when installed; log.py), progress (a bar on a terminal, plain
 lines elsewhere), checksummed checkpoints that resume exactly (checkpoint.TrainState), a policy
 for a NaN/inf loss or gradient (`on_nonfinite`: stop, or skip the update and count it), a final
-checkpoint and a clean exit on SIGINT/SIGTERM (signals.py), and a loss plot at the end. It tells its user the parameter count before the first step and, on resume,
+checkpoint and a clean exit on SIGINT/SIGTERM (signals.py), and a loss plot at the end. It
+tells its user the parameter count before the first step and, on resume,
 which checkpoint it continued from.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
@@ -212,7 +213,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         if not d.main:
             return ckpt.checkpoint_path(ckpt_dir, step)
         while stale:
-            stale.pop().unlink(missing_ok=True)
+            ckpt.remove_checkpoint(stale.pop())
         state = ckpt.TrainState.capture(model, optimizer, data, step=step, tokens=tokens, elapsed=elapsed(),
                                         rngs=rngs, window=window, window_steps=window_steps,
                                         window_tokens=window_tokens, train_config=cfg, lr=lr_at(step),
@@ -350,7 +351,8 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     valid_losses = [r["valid_loss"] for r in log.records if "valid_loss" in r]
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "parameters": n_params,
-            "train_loss": last_train.get("loss", train_losses[-1] if train_losses else None), "first_train_loss": train_losses[0] if train_losses else None,
+            "train_loss": last_train.get("loss", train_losses[-1] if train_losses else None),
+            "first_train_loss": train_losses[0] if train_losses else None,
             "first_valid_loss": valid_losses[0] if valid_losses else None, **valid, "stopped": stopped,
             "resumed_from": resumed_from, "resumed_step": resumed_step, "skipped_steps": skipped,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
