@@ -20,8 +20,20 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves old or new
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)

@@ -3,13 +3,20 @@
 A checkpoint is one `torch.save` file, `ckpt-<step>.pt`, holding a `TrainState`: the model and
 optimizer state dicts, the step, the random number generators (torch, CUDA, numpy, Python),
 the data stream's position and the loop's counters. `TrainState.capture` takes it from a running
-loop, `TrainState.restore` puts it back. It is written to a temporary name and renamed, so a crash while
-saving leaves the previous checkpoints intact; only the last `keep_last` are kept.
+loop, `TrainState.restore` puts it back. Only the last `keep_last` are kept.
 Everything in it is a tensor or plain Python data, so it loads with `weights_only=True`.
+
+Crash safety: the file is written under a temporary name, its sha256 goes beside it
+(`ckpt-<step>.pt.sha256`, the format of `sha256sum`), and only then is the file renamed into place.
+So a crash at any moment (SIGKILL mid-write included) leaves only complete checkpoints, each with its
+checksum; a checkpoint truncated or damaged later fails its checksum on load, with a message naming
+it, and `load_latest_state` falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import random
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -21,6 +28,7 @@ import torch
 from lmforge.atomic import atomic_write
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_LEFTOVER = re.compile(r"^\.ckpt-\d+\.pt(\.sha256)?\..*\.tmp$")  # atomic_write's temporary names
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -41,26 +49,91 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checksum_path(path: str | Path) -> Path:
+    """Where the sha256 of checkpoint `path` is kept: beside it, as <name>.sha256."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Temporary files and orphaned checksums of a save that a crash interrupted (one writer per folder)."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        orphan = p.name.endswith(".pt.sha256") and not p.with_name(p.name[:-7]).exists()
+        if _LEFTOVER.match(p.name) or orphan:
+            p.unlink(missing_ok=True)
+
+
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep_last: int = 3) -> Path:
-    """Write `state` atomically as ckpt-<step>.pt, then delete all but the newest `keep_last`."""
+    """Write `state` as ckpt-<step>.pt with its checksum, then delete all but the newest `keep_last`.
+
+    The payload goes to a temporary file, its sha256 is written (atomically), then the payload is
+    renamed into place: a visible ckpt-*.pt is always complete and has its checksum. A failed write
+    (a full disk) is an OSError naming the file and the checkpoint still intact; nothing is pruned."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last} must be >= 1")
+    directory = Path(directory)
     path = checkpoint_path(directory, step)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    _remove_leftovers(directory)
+
+    def write(tmp):
+        torch.save(state, tmp)
+        line = f"{_sha256(tmp)}  {path.name}\n"
+        atomic_write(checksum_path(path), lambda t: Path(t).write_text(line))
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        previous = latest_checkpoint(directory)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        hint = "; free some disk space or lower train.keep_last" if e.errno == errno.ENOSPC else ""
+        raise OSError(e.errno, f"could not write checkpoint {path}: {e.strerror or e}; no partial file was "
+                               f"left and {kept}{hint}") from e
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        remove_checkpoint(old)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU; a truncated or foreign file is a ValueError naming it."""
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint, then its checksum (so no checkpoint is ever without one)."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint against its sha256; a ValueError names the file when they differ. A file
+    without a checksum (written by hand or by an older lmforge) is left to `torch.load` to judge."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    sums = checksum_path(path)
+    if not sums.is_file():
+        return
+    expected = sums.read_text().split()[:1]
+    actual = _sha256(path)
+    if expected != [actual]:
+        raise ValueError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., {sums.name} says "
+                         f"{(expected or ['nothing'])[0][:12]}...): the file is truncated or corrupt")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint onto the CPU after checking its checksum; a truncated, corrupt or foreign
+    file is a ValueError naming it."""
+    path = Path(path)
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors differ by torch version
-        raise ValueError(f"{path}: not a readable lmforge checkpoint (truncated or corrupt?): {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable lmforge checkpoint (truncated or corrupt?): {first}") from e
 
 
 def rng_state() -> dict:
@@ -112,12 +185,13 @@ class TrainState:
     train_config: dict
     world_size: int = 1
     model_config: dict | None = None
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite=skip)
     format: int = FORMAT
 
     @classmethod
     def capture(cls, model, optimizer, data, *, step: int, tokens: int, elapsed: float, rngs: list[dict],
                 window: dict, window_steps: int, window_tokens: int, train_config, lr: float,
-                world_size: int = 1) -> TrainState:
+                world_size: int = 1, skipped: int = 0) -> TrainState:
         """The state of a running loop; `rngs` holds `rng_state()` of every process (rank 0 first)."""
         return cls(step=step, tokens=tokens, elapsed=elapsed, model=model.state_dict(),
                    optimizer=optimizer.state_dict(), data=data.state_dict(), rng=rngs[0],
@@ -126,7 +200,7 @@ class TrainState:
                    window_tokens=window_tokens,
                    scheduler={"name": train_config.schedule, "step": step, "lr": lr},
                    train_config=asdict(train_config), world_size=world_size,
-                   model_config=model.cfg.to_dict() if hasattr(model, "cfg") else None)
+                   model_config=model.cfg.to_dict() if hasattr(model, "cfg") else None, skipped=skipped)
 
     def restore(self, model, optimizer, data, rank: int = 0) -> None:
         """Put the weights, optimizer moments, data position and this process's generators back."""
@@ -156,3 +230,21 @@ def save_state(directory: str | Path, state: TrainState, keep_last: int = 3) -> 
 def load_state(path: str | Path) -> TrainState:
     """Read a TrainState written by `save_state`."""
     return TrainState.from_dict(load_checkpoint(path), str(path))
+
+
+def load_latest_state(directory: str | Path, warn=None) -> tuple[Path, TrainState] | None:
+    """The newest checkpoint in `directory` that passes its checksum and reads, as (path, state);
+    each bad one on the way is reported in one line through `warn` and skipped. None when the
+    folder holds no checkpoint; a ValueError when it holds some but none is usable."""
+    found, errors = list_checkpoints(directory), []
+    for path in reversed(found):
+        try:
+            return path, load_state(path)
+        except ValueError as e:
+            errors.append(str(e))
+            if warn is not None:
+                warn(f"{e}; falling back to the previous checkpoint")
+    if found:
+        raise ValueError(f"no usable checkpoint in {directory}: {'; '.join(errors)}. "
+                         f"Move them away (or drop train.resume) to start afresh")
+    return None

@@ -1,4 +1,4 @@
-"""The training loop's settings (`TrainConfig`) and its one error (`TrainingDiverged`)."""
+"""The training loop's settings (`TrainConfig`) and how it stops early (`TrainingDiverged`, `TrainingInterrupted`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ class TrainingDiverged(RuntimeError):
                          f"and {where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip.")
 
 
+class TrainingInterrupted(SystemExit):
+    """SIGINT or SIGTERM arrived: the loop finished its step, saved a checkpoint (when it has an
+    out_dir) and stops. A SystemExit, so an uncaught one ends the program quietly with the shell's
+    code for the signal (130 for SIGINT, 143 for SIGTERM); the loop has already said why."""
+
+    def __init__(self, signal_name: str, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(128 + signum)
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        saved = (f"saved {checkpoint}; continue with train.resume=true" if checkpoint
+                 else "no checkpoint was saved (no out_dir)")
+        self.message = f"stopped by {signal_name} at step {step}: {saved}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class TrainConfig:
     """Every knob of the loop. Steps count optimizer updates; each takes `grad_accum` batches."""
@@ -32,6 +48,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    # a NaN/inf loss or gradient norm: "stop" raises TrainingDiverged (the last checkpoint is kept);
+    # "skip" drops that update (counted in the log and the result), stopping after 10 in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     batch_size: int = 32  # sequences per batch: read by whoever builds the batches
     grad_accum: int = 1  # batches per update
     # how long
@@ -64,5 +83,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r}; expected cosine, linear, constant or noam")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected 'float32' or 'bfloat16'")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r}; expected 'stop' or 'skip'")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} must be > 0")

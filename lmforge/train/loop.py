@@ -8,8 +8,10 @@ loop does the same things: AdamW with weight decay on weight matrices only, a le
 schedule (schedule.py), gradient accumulation and clipping, optional bf16 autocast and
 `torch.compile`, data parallelism under torchrun (distributed.py), periodic evaluation,
 JSONL metrics (+ TensorBoard when installed; log.py), progress (a bar on a terminal, plain
-lines elsewhere), atomic checkpoints that resume exactly (checkpoint.TrainState), and a loss
-plot at the end. It tells its user the parameter count before the first step and, on resume,
+lines elsewhere), checksummed checkpoints that resume exactly (checkpoint.TrainState), a policy
+for a NaN/inf loss or gradient (`on_nonfinite`: stop, or skip the update and count it), a final
+checkpoint and a clean exit on SIGINT/SIGTERM (signals.py), and a loss plot at the end. It
+tells its user the parameter count before the first step and, on resume,
 which checkpoint it continued from.
 
 Exact resume: the data stream (`batches`) is restored from its `state_dict()` when it has
@@ -36,9 +38,12 @@ from lmforge.evaluate import perplexity
 from lmforge.progress import Progress, say
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
-from lmforge.train.config import TrainConfig, TrainingDiverged
+from lmforge.train.config import TrainConfig, TrainingDiverged, TrainingInterrupted
 from lmforge.train.log import MetricsLog, plot_losses
 from lmforge.train.schedule import make_schedule
+from lmforge.train.signals import StopSignals
+
+MAX_SKIPS_IN_A_ROW = 10  # on_nonfinite=skip: more than this many bad steps in a row is divergence
 
 
 # ---- pieces the loop uses ----------------------------------------------------------------------
@@ -153,8 +158,11 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     eval_batches: validation batches (a list, re-read at each evaluation, or a function that
     returns fresh ones). Returns {steps, tokens, seconds, tokens_per_s, parameters, train_loss,
     first_train_loss, valid_loss, first_valid_loss, valid_perplexity, other valid_* metrics,
-    stopped ("max_steps", "max_minutes" or "data"), resumed_from, resumed_step, checkpoint, log, plot}.
-    Raises TrainingDiverged on a NaN/inf loss or gradient norm, before applying that update.
+    stopped ("max_steps", "max_minutes" or "data"), resumed_from, resumed_step, skipped_steps,
+    checkpoint, log, plot}.
+    A NaN/inf loss or gradient norm raises TrainingDiverged before that update is applied
+    (cfg.on_nonfinite="stop"), or the update is skipped and counted ("skip"). SIGINT or SIGTERM
+    ends the current step, saves a checkpoint and raises TrainingInterrupted (a SystemExit).
     """
     if (cfg.ckpt_every or cfg.resume) and not cfg.out_dir:
         raise ValueError("TrainConfig.ckpt_every and resume need out_dir (where checkpoints are written)")
@@ -180,12 +188,14 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             f"training for {cfg.max_steps} steps{budget} on {device}")
 
     # resume: model, optimizer, RNGs, data position and counters from the newest checkpoint
-    step, tokens, elapsed_before, last_ckpt = 0, 0, 0.0, None
+    step, tokens, elapsed_before, last_ckpt, skipped = 0, 0, 0.0, None, 0
     window, window_steps, window_tokens = {}, 0, 0  # metric sums since the last log record
-    if cfg.resume and ckpt_dir is not None and (last_ckpt := ckpt.latest_checkpoint(ckpt_dir)) is not None:
-        state = ckpt.load_state(last_ckpt)
+    # the newest checkpoint that passes its checksum; a bad one is named and the one before used
+    found = ckpt.load_latest_state(ckpt_dir, say if talk else None) if cfg.resume and ckpt_dir is not None else None
+    if found is not None:
+        last_ckpt, state = found
         state.restore(model, optimizer, data, d.rank)
-        step, tokens, elapsed_before = state.step, state.tokens, state.elapsed
+        step, tokens, elapsed_before, skipped = state.step, state.tokens, state.elapsed, state.skipped
         window, window_steps, window_tokens = state.window, state.window_steps, state.window_tokens
         if talk:
             say(f"resumed from {last_ckpt}: step {step} of {cfg.max_steps}, "
@@ -203,11 +213,11 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         if not d.main:
             return ckpt.checkpoint_path(ckpt_dir, step)
         while stale:
-            stale.pop().unlink(missing_ok=True)
+            ckpt.remove_checkpoint(stale.pop())
         state = ckpt.TrainState.capture(model, optimizer, data, step=step, tokens=tokens, elapsed=elapsed(),
                                         rngs=rngs, window=window, window_steps=window_steps,
                                         window_tokens=window_tokens, train_config=cfg, lr=lr_at(step),
-                                        world_size=d.world)
+                                        world_size=d.world, skipped=skipped)
         return ckpt.save_state(ckpt_dir, state, cfg.keep_last)
 
     def run_eval() -> dict:
@@ -239,9 +249,13 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     every = cfg.log_every * max(1, math.ceil(cfg.max_steps / 20 / cfg.log_every))
     bar = Progress(cfg.max_steps, "training", "step", every=every, initial=step, disable=not talk)
     window_t0 = time.perf_counter()
-    last_train, valid, stopped, evaluated_at = {}, {}, "max_steps", None
+    last_train, valid, stopped, evaluated_at, in_a_row, norm = {}, {}, "max_steps", None, 0, None
+    signals = StopSignals()
     try:
+        signals.__enter__()
         while step < cfg.max_steps:
+            if distributed.any_all(signals.received is not None, device) if d.enabled else signals.received:
+                raise _interrupted(signals, step, d, checkpoint if ckpt_dir is not None else None, last_ckpt)
             if cfg.max_minutes is not None and distributed.any_all(elapsed() >= cfg.max_minutes * 60, device):
                 stopped = "max_minutes"
                 break
@@ -254,41 +268,55 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
             except StopIteration:
                 stopped = "data"
                 break
-            step_tokens, bad_loss = 0, None
+            step_tokens, bad, pending = 0, None, []  # bad: (what, value) when something is NaN/inf
             for i, batch in enumerate(micro):
                 # DDP averages gradients over processes at the last micro-batch's backward only
                 sync = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast:
                         loss, metrics = objective(fwd, batch)
-                    if not torch.isfinite(loss):
-                        if not d.enabled:
-                            raise TrainingDiverged(step + 1, "the loss", loss.item(), last_ckpt)
-                        bad_loss = loss.item()  # raised below in every process at once
-                    (loss / cfg.grad_accum).backward()
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + v.detach() / cfg.grad_accum
+                    if bad is None and not torch.isfinite(loss):
+                        bad = ("the loss", loss.item())
+                        if not d.enabled and cfg.on_nonfinite == "stop":
+                            raise TrainingDiverged(step + 1, *bad, last_ckpt)
+                    (loss / cfg.grad_accum).backward()  # under DDP every process must take part
+                pending += [(k, v.detach() / cfg.grad_accum) for k, v in metrics.items()]
                 step_tokens += _count_tokens(batch, model)
-            if d.enabled:  # tokens of every process; a diverged loss anywhere stops every process
-                bad, step_tokens = distributed.sum_all([bad_loss is not None, step_tokens], device)
+            if d.enabled:  # tokens of every process; a diverged loss anywhere is one everywhere
+                n_bad, step_tokens = distributed.sum_all([bad is not None, step_tokens], device)
                 step_tokens = int(step_tokens)
-                if bad:
-                    raise TrainingDiverged(step + 1, "the loss", bad_loss if bad_loss is not None else math.nan,
-                                           last_ckpt)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not torch.isfinite(norm):
-                raise TrainingDiverged(step + 1, "the gradient norm", norm.item(), last_ckpt)
-            optimizer.step()
+                bad = bad or (("the loss", math.nan) if n_bad else None)
+            if bad is None:
+                total = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if torch.isfinite(total):
+                    norm = total  # the norm logged: that of the last update applied
+                else:
+                    bad = ("the gradient norm", total.item())
+            if bad is not None and cfg.on_nonfinite == "stop":
+                raise TrainingDiverged(step + 1, *bad, last_ckpt)
+            if bad is not None:  # skip: no update, no metrics; the step and its data are used up
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row > MAX_SKIPS_IN_A_ROW:
+                    raise TrainingDiverged(step + 1, f"{bad[0]} (for {in_a_row} steps in a row)", bad[1], last_ckpt)
+                if talk:
+                    say(f"step {step + 1}: {bad[0]} is {bad[1]}; update skipped ({skipped} so far)")
+            else:
+                optimizer.step()
+                in_a_row = 0
+                for k, v in pending:
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_steps += 1
             tokens += step_tokens
             window_tokens += step_tokens
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - window_t0
                 last_train = _mean_over_processes(window, window_steps, d, device)
-                record = {"step": step, **last_train, "lr": lr, "grad_norm": float(norm),
+                record = {"step": step, **last_train, "lr": lr,
+                          **({"grad_norm": float(norm)} if norm is not None else {}),
+                          **({"skipped_steps": skipped} if skipped else {}),
                           "tokens": tokens, "tokens_per_s": window_tokens / dt if dt > 0 else 0.0,
                           "elapsed": round(elapsed(), 3)}
                 log.write(record)
@@ -313,6 +341,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
         if cfg.ckpt_every and (last_ckpt is None or _ckpt_step(last_ckpt) != step):
             last_ckpt = checkpoint()
     finally:
+        signals.__exit__()
         bar.close()
         log.close()
     distributed.barrier()  # every process returns once rank 0 has written its files
@@ -322,9 +351,10 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     valid_losses = [r["valid_loss"] for r in log.records if "valid_loss" in r]
     return {"steps": step, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "parameters": n_params,
-            "train_loss": last_train.get("loss", train_losses[-1] if train_losses else None), "first_train_loss": train_losses[0] if train_losses else None,
+            "train_loss": last_train.get("loss", train_losses[-1] if train_losses else None),
+            "first_train_loss": train_losses[0] if train_losses else None,
             "first_valid_loss": valid_losses[0] if valid_losses else None, **valid, "stopped": stopped,
-            "resumed_from": resumed_from, "resumed_step": resumed_step,
+            "resumed_from": resumed_from, "resumed_step": resumed_step, "skipped_steps": skipped,
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             "log": str(log.path) if log.path else None, "plot": str(plot) if plot else None}
 
@@ -344,6 +374,19 @@ class _DDP(torch.nn.parallel.DistributedDataParallel):
     @property
     def cfg(self):
         return self.module.cfg
+
+
+def _interrupted(signals: StopSignals, step: int, d: distributed.Dist, checkpoint: Callable | None,
+                 last_ckpt: Path | None) -> TrainingInterrupted:
+    """After SIGINT/SIGTERM between two steps: save a checkpoint of this step (unless there is one),
+    say so, and the exception that ends the run."""
+    if checkpoint is not None and (last_ckpt is None or _ckpt_step(last_ckpt) != step):
+        last_ckpt = checkpoint()
+    name = signals.received or "SIGTERM"  # under torchrun another process may have been signalled
+    stop = TrainingInterrupted(name, signals.signum or 15, step, last_ckpt if checkpoint is not None else None)
+    if d.main:
+        say(stop.message)
+    return stop
 
 
 def _ckpt_step(path: Path) -> int:
