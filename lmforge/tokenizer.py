@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge.progress import say
+
 ROLES = ("pad", "bos", "eos", "unk", "cls", "sep", "mask")
 # Well-known token strings, used to guess roles when a tokenizer.json comes without a config.
 _KNOWN = {"[PAD]": "pad", "<pad>": "pad", "[UNK]": "unk", "<unk>": "unk", "[CLS]": "cls", "[SEP]": "sep",
@@ -196,6 +198,7 @@ def _pipeline(kind: str, family: str, vocab_size: int, min_frequency: int, lower
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {sorted(_FAMILIES)}")
     specials, roles, single, pair = _FAMILIES[family]
+    progress = progress and sys.stderr.isatty()  # the trainers' bar writes blank lines to a pipe or file
     specials = specials + [f"<extra_id_{i}>" for i in range(n_sentinels if family == "t5" else 0)]
     unk = roles["unk"]
     if kind == "bpe":  # GPT-2 byte-level BPE: 256 byte symbols, never an unknown token
@@ -239,7 +242,7 @@ def _finish(hf, roles, templates, n_special, vocab_size, kind) -> Tokenizer:
 def _say(on: bool, line: str) -> float:
     """Print a progress line on stderr (plain, so a log file gets it too); returns the time."""
     if on:
-        print(line, file=sys.stderr, flush=True)
+        say(line)
     return time.time()
 
 
