@@ -22,10 +22,10 @@ from lmforge.objectives import causal_lm
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.loop import MAX_SKIPS_IN_A_ROW, TrainingDiverged, train
 from lmforge.train.recipe import load_recipe
-from tests.test_train import CONFIGS, _cfg, _losses, _model, _tokens
+from tests.train.test_train import CONFIGS, _cfg, _losses, _model, _tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN = dict(max_steps=24, ckpt_every=2, keep_last=2, grad_accum=2)  # the run every crash test repeats
 
 
@@ -97,7 +97,7 @@ class _Forked:
 
 def _start(out: Path, **kw) -> subprocess.Popen:
     """`worker` in a fresh interpreter, as a user's training run would be."""
-    code = f"from tests.test_crash_safety import worker; worker({str(out)!r}, **{kw!r})"
+    code = f"from tests.train.test_crash_safety import worker; worker({str(out)!r}, **{kw!r})"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-u", "-c", code], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

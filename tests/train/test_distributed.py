@@ -147,7 +147,7 @@ def test_torchrun_environment_is_checked(monkeypatch):
 
 def test_torchrun_pretrain_cli(tmp_path):
     """The README's command: torchrun over the CLI, two CPU processes."""
-    cfg = Path(__file__).parent.parent / "configs" / "gpt-tiny.yaml"
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "gpt-tiny.yaml"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            "-m", "lmforge.cli", "pretrain", "--config", str(cfg), f"out_dir={tmp_path}", "train.max_steps=4",
            "train.device=cpu", "--no-samples"]
