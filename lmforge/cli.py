@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmforge import cli_generate
 from lmforge.cli_help import HelpfulParser
 
 
@@ -173,87 +174,6 @@ def _cmd_pretrain(a) -> int:
     return 0
 
 
-def _int8_arg(s) -> None:
-    s.add_argument("--int8", action="store_true",
-                   help="int8 weights (per-channel scales) for faster CPU inference; logits move by a few %%")
-
-
-def _generation_args(s, **defaults) -> None:
-    """One flag per GenerationConfig field; `defaults` overrides a field's default here."""
-    from lmforge.generate.config import add_arguments
-    add_arguments(s, **defaults)
-
-
-def _gen_config(a):
-    from lmforge.generate.config import from_arguments
-    return from_arguments(a)
-
-
-def _fit(model, tok, prompt: str, config):
-    """config with max_new_tokens clipped to the model's context beside `prompt`, and the note."""
-    from lmforge.generate import fit_to_context
-    if tok is None:
-        raise ValueError("text generation needs a tokenizer saved with the model")
-    return fit_to_context(model, len(tok.encode(prompt)), config)
-
-
-def _cmd_generate(a) -> int:
-    from lmforge import api
-    config = _gen_config(a)  # bad options fail before the model loads
-    model, tok = api.load(a.model, int8=a.int8)
-    prompt = api.chat_prompt(tok, [{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
-    config, note = _fit(model, tok, prompt, config)
-    if note:
-        print(note, file=sys.stderr)
-    if a.stream:
-        for piece in api.generate_text(model, tok, prompt, config=config, stream=True):
-            print(piece, end="", flush=True)
-        print()
-    else:
-        print(api.generate_text(model, tok, prompt, config=config))
-    return 0
-
-
-def _cmd_chat(a) -> int:
-    from lmforge import api
-    wanted = _gen_config(a)
-    model, tok = api.load(a.model, int8=a.int8)
-    history = [{"role": "system", "content": a.system}] if a.system else []
-    print("chat with the model; /reset clears the history, /quit or Ctrl-D leaves")
-    noted = False
-    while True:
-        try:
-            line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history = history[:1] if a.system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        prompt = api.chat_prompt(tok, history)
-        try:
-            config, note = _fit(model, tok, prompt, wanted)
-            if note and not noted:  # once: the room left shrinks as the history grows
-                print(note, file=sys.stderr)
-                noted = True
-            pieces = api.generate_text(model, tok, prompt, config=config, stream=True)
-        except ValueError as e:  # e.g. the history no longer fits: say so, keep the session
-            print(f"lmforge chat: error: {e}; /reset clears the history", file=sys.stderr)
-            history.pop()
-            continue
-        reply = ""
-        for piece in pieces:
-            reply += piece
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": reply})
-
-
 def _overrides(pairs: list[str]) -> dict:
     """KEY=VALUE arguments → options, typed later by the option's declared type."""
     from lmforge.train.overrides import parse_overrides
@@ -275,12 +195,6 @@ def _cmd_predict(a) -> int:
     from lmforge.tasks.finetune import predict_task
     for row in predict_task(a.task, a.model, a.input, context=a.context, **_overrides(a.overrides)):
         print(json.dumps(row, ensure_ascii=False))
-    return 0
-
-
-def _cmd_serve(a) -> int:
-    from lmforge.serve import serve
-    serve(a.model, host=a.host, port=a.port, int8=a.int8)
     return 0
 
 
@@ -369,21 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample continuations")
     s.set_defaults(fn=_cmd_pretrain)
 
-    s = sub.add_parser("generate", help="generate text (for encoder-decoders the prompt is the source)")
-    s.add_argument("model", help="model directory or .gguf file")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    _int8_arg(s)
-    _generation_args(s)
-    s.set_defaults(fn=_cmd_generate)
-
-    s = sub.add_parser("chat", help="interactive chat with streaming output and history")
-    s.add_argument("model", help="model directory or .gguf file")
-    s.add_argument("--system", help="system message")
-    _int8_arg(s)
-    _generation_args(s, max_new_tokens=256)
-    s.set_defaults(fn=_cmd_chat)
+    cli_generate.add_commands(sub)  # generate, chat, serve
 
     s = sub.add_parser("finetune", help="fine-tune on labelled data: classify, qa or seq2seq")
     s.add_argument("--task", required=True, choices=["classify", "qa", "seq2seq"])
@@ -402,12 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     s.set_defaults(fn=_cmd_predict)
 
-    s = sub.add_parser("serve", help="HTTP server: /v1/generate, /v1/chat/completions, /v1/embeddings")
-    s.add_argument("model")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    _int8_arg(s)
-    s.set_defaults(fn=_cmd_serve)
     return p
 
 

@@ -17,7 +17,7 @@ def test_every_generation_option_is_a_flag_with_its_default():
             assert hasattr(args, name), (command, name)
     a = build_parser().parse_args(["generate", "m", "--prompt", "x", "--no-repeat-ngram-size", "3", "--stop", "a",
                                    "--stop", "b", "--early-stopping", "never", "--truncate", "--seed", "4"])
-    from lmforge.cli import _gen_config
+    from lmforge.cli_generate import _gen_config
     assert _gen_config(a) == GenerationConfig(no_repeat_ngram_size=3, stop=("a", "b"), early_stopping="never",
                                               truncate=True, seed=4)
     assert _gen_config(build_parser().parse_args(["chat", "m"])).max_new_tokens == 256

@@ -22,7 +22,7 @@ from lmforge.train.pretrain import run_pretraining
 from lmforge.train.recipe import load_recipe
 from lmforge.train.schedule import constant, cosine, linear, make_schedule, noam
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
