@@ -1,5 +1,5 @@
 """The `lmforge` command end to end: the main job (shortened), generation, embedding training
-(the server: test_serve.py)."""
+(the server: tests/serve/)."""
 
 import json
 import os

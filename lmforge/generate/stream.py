@@ -3,7 +3,7 @@
 A byte-level tokenizer can end a token in the middle of a UTF-8 character; decoding such a
 prefix gives U+FFFD. `text_deltas` decodes the whole sequence so far and emits only the new
 stable suffix, holding text back while it ends in U+FFFD or could be the start of a stop
-string. The concatenated pieces equal the non-streaming `generate(...).texts[0]`.
+string (`Detokenizer` does the same one token at a time). The concatenated pieces equal the non-streaming `generate(...).texts[0]`.
 """
 
 from __future__ import annotations
@@ -30,29 +30,62 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return len(text) - len(stable) + hold
 
 
+class Detokenizer:
+    """Push-based `text_deltas`: feed token ids one at a time, get the stable new text.
+
+    push(token) -> the text to emit now ("" while a character or a possible stop string is
+    held back); `stopped` turns True once a stop string appears (the text is cut before it
+    and later pushes are ignored); flush() -> what was held back, at the end of the stream.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.stop = StopStrings(tokenizer, stop_strings)
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters already emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        self.text = text = self.tokenizer.decode(self.ids)
+        cut = self.stop.find(text) if self.stop else -1
+        if cut >= 0:
+            self.stopped = True
+            piece = text[self.sent:cut] if cut > self.sent else ""
+            self.sent = max(self.sent, cut)
+            return piece
+        end = len(text) - _held_back(text, self.stop.strings)
+        if end <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:end], end
+        return piece
+
+    def flush(self) -> str:
+        """The text held back, once the stream has ended (nothing after a stop string)."""
+        if self.stopped or len(self.text) <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
 def text_deltas(tokenizer, tokens: Iterable[int], stop_strings: Sequence[str] = ()) -> Iterator[str]:
     """Decode a stream of token ids into text pieces; stop (and cut) at the first stop string.
 
     tokenizer: anything with decode(ids) -> str. The stream should not contain EOS.
     """
-    stop = StopStrings(tokenizer, stop_strings)
-    ids: list[int] = []
-    sent = 0  # characters already emitted
-    text = ""
+    d = Detokenizer(tokenizer, stop_strings)
     for t in tokens:
-        ids.append(int(t))
-        text = tokenizer.decode(ids)
-        cut = stop.find(text) if stop else -1
-        if cut >= 0:
-            if cut > sent:
-                yield text[sent:cut]
+        piece = d.push(t)
+        if piece:
+            yield piece
+        if d.stopped:
             return
-        end = len(text) - _held_back(text, stop.strings)
-        if end > sent:
-            yield text[sent:end]
-            sent = end
-    if len(text) > sent:  # the stream ended: flush what was held back
-        yield text[sent:]
+    piece = d.flush()
+    if piece:
+        yield piece
 
 
 def stream_text(model, tokenizer, prompt: str, config: GenerationConfig | None = None, *,

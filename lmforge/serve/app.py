@@ -6,20 +6,21 @@ Endpoints: GET /health; POST /v1/generate; POST /v1/chat/completions; POST /v1/e
 Generation requests take every `GenerationConfig` option by its name (/v1/generate:
 {"prompt": ..., "max_new_tokens": 64, "no_repeat_ngram_size": 3, "truncate": true, ...});
 chat also takes OpenAI's max_tokens, and a temperature > 0 there means sampling.
-It reuses the same generation functions as the CLI and the Python API. Requests are
-served one at a time (a lock around the model): CPU inference is compute bound.
+Every request runs on the engine thread (`lmforge.serve.engine`): greedy and sampling
+token streams through `Engine.submit`, the rest (beam search, encoder-decoders, embeddings)
+through `Engine.call`.
 """
 
 
 import dataclasses
 import json
-import threading
 import time
 import typing
 import uuid
 
 from lmforge import api
 from lmforge.generate.config import FIELDS, GenerationConfig
+from lmforge.serve.engine import Engine
 
 
 def request_model(name: str, defaults: dict | None = None, **extra):
@@ -51,8 +52,9 @@ def create_app(model_dir: str, int8: bool = False):
     model, tok = api.load(model_dir, int8=int8)
     if tok is None:
         raise ValueError(f"{model_dir}: the server needs a tokenizer next to the model")
-    lock = threading.Lock()
+    engine = Engine(model, tok)
     app = FastAPI(title="lmforge", version="0.1.0")
+    app.state.engine = engine
 
     GenerateRequest = request_model("GenerateRequest", prompt=(str, ...), stream=(bool, False))
     # OpenAI's chat: max_tokens (256), temperature 0 → greedy, > 0 → sampling (unless strategy says)
@@ -74,16 +76,21 @@ def create_app(model_dir: str, int8: bool = False):
         return GenerationConfig(**options)
 
     def run(prompt, stream, config):
-        return api.generate_text(model, tok, prompt, config, stream=stream)
+        """The text (stream=False) or an iterator of text pieces, made on the engine thread."""
+        streamable = config.strategy != "beam" and not config.prompt_lookup and model.cfg.family == "decoder"
+        if stream and streamable:
+            ids = tok.encode(prompt)
+            if not ids:
+                raise ValueError("the prompt is empty")
+            req = engine.submit(ids, config)
+            return (e.text for e in req if e.text)
+        text = engine.call(lambda: api.generate_text(model, tok, prompt, config)).result()
+        return iter([text]) if stream else text
 
     def sse(chunks):
         for c in chunks:
             yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
-
-    def locked(gen):
-        with lock:
-            yield from gen
 
     @app.get("/health")
     def health():
@@ -94,9 +101,8 @@ def create_app(model_dir: str, int8: bool = False):
         try:
             if r.stream:
                 it = run(r.prompt, True, generation(r))
-                return StreamingResponse(sse({"text": d} for d in locked(it)), media_type="text/event-stream")
-            with lock:
-                text = run(r.prompt, False, generation(r))
+                return StreamingResponse(sse({"text": d} for d in it), media_type="text/event-stream")
+            text = run(r.prompt, False, generation(r))
             return {"text": text}
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
@@ -109,10 +115,9 @@ def create_app(model_dir: str, int8: bool = False):
             if r.stream:
                 it = run(prompt, True, generation(r))
                 chunks = ({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "choices": [{"index": 0, "delta": {"content": d}}]} for d in locked(it))
+                           "choices": [{"index": 0, "delta": {"content": d}}]} for d in it)
                 return StreamingResponse(sse(chunks), media_type="text/event-stream")
-            with lock:
-                text = run(prompt, False, generation(r))
+            text = run(prompt, False, generation(r))
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_dir,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "stop"}]}
@@ -124,8 +129,7 @@ def create_app(model_dir: str, int8: bool = False):
         from lmforge.embed import embed
         texts = [r.input] if isinstance(r.input, str) else r.input
         try:
-            with lock:
-                vecs = embed(model, tok, texts, normalize=r.normalize)
+            vecs = engine.call(lambda: embed(model, tok, texts, normalize=r.normalize)).result()
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
         return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
