@@ -92,6 +92,13 @@ def create_app(model_dir: str, int8: bool = False):
             yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
+    @app.get("/", include_in_schema=False)
+    def playground():
+        from importlib.resources import files
+
+        from fastapi.responses import HTMLResponse
+        return HTMLResponse((files("lmforge.serve") / "static" / "index.html").read_text(encoding="utf-8"))
+
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_dir, "family": model.cfg.family, "task": model.cfg.task}
