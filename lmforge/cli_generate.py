@@ -88,8 +88,15 @@ def _cmd_chat(a) -> int:
 
 
 def _cmd_serve(a) -> int:
-    from lmforge.serve import serve
-    serve(a.model, host=a.host, port=a.port, int8=a.int8)
+    import os
+
+    from lmforge.serve import Limits, serve
+    given = dict(max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_tokens=a.max_prompt_tokens,
+                 max_new_tokens=a.max_tokens)
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})  # the rest: Limits' defaults
+    serve(a.model, host=a.host, port=a.port, int8=a.int8, model_name=a.model_name,
+          api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None, limits=limits,
+          max_body_bytes=a.max_body_bytes)
     return 0
 
 
@@ -111,9 +118,18 @@ def add_commands(sub) -> None:
     _generation_args(s, max_new_tokens=256)
     s.set_defaults(fn=_cmd_chat)
 
-    s = sub.add_parser("serve", help="HTTP server: /v1/generate, /v1/chat/completions, /v1/embeddings")
+    s = sub.add_parser("serve", help="HTTP server with OpenAI's API: /v1/completions, /v1/chat/completions, "
+                                     "/v1/embeddings, /v1/models; /v1/generate, /health, /metrics")
     s.add_argument("model")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="the model's name in the API (default: the model directory's name)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and / "
+                                     "(default: $LMFORGE_API_KEY; none: no key)")
+    s.add_argument("--max-batch", type=int, help="sequences decoded together (default 16)")
+    s.add_argument("--max-queue", type=int, help="requests waiting beyond the batch; more get 429 (default 64)")
+    s.add_argument("--max-prompt-tokens", type=int, help="longest prompt taken (default: the model's context)")
+    s.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     _int8_arg(s)
     s.set_defaults(fn=_cmd_serve)

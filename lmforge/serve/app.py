@@ -1,150 +1,126 @@
-"""HTTP server: generation, chat (OpenAI-style, with server-sent-event streaming) and embeddings.
+"""The HTTP server: OpenAI's API (completions, chat, embeddings, models) and lmforge's own
+/v1/generate, in front of one `Engine`.
 
-    lmforge serve MODEL [--host 127.0.0.1] [--port 8000]
+    lmforge serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--model-name NAME]
 
-Endpoints: GET /health; POST /v1/generate; POST /v1/chat/completions; POST /v1/embeddings.
-Generation requests take every `GenerationConfig` option by its name (/v1/generate:
-{"prompt": ..., "max_new_tokens": 64, "no_repeat_ngram_size": 3, "truncate": true, ...});
-chat also takes OpenAI's max_tokens, and a temperature > 0 there means sampling.
-Every request runs on the engine thread (`lmforge.serve.engine`): greedy and sampling
-token streams through `Engine.submit`, the rest (beam search, encoder-decoders, embeddings)
-through `Engine.call`.
+    POST /v1/completions         prompt (text, texts or token ids) → text; SSE with stream=true
+    POST /v1/chat/completions    messages → the assistant's reply; SSE with stream=true
+    POST /v1/embeddings          input → vectors (encoding_format float or base64)
+    GET  /v1/models              the one model, by its short name
+    POST /v1/generate            lmforge's own: every GenerationConfig option by its name
+    GET  /health, GET /metrics   liveness; Prometheus text
+    GET  /                       the playground page (static/index.html)
+
+Field meanings and the policy for fields it cannot honour: `openai_schema`. Errors, the API
+key and the body limit: `errors`. Greedy and sampling decoder generations stream from the
+engine (`Engine.submit`); beam search and encoder-decoders run whole on the engine thread
+(`Engine.call`). Handlers never block the event loop, and a streaming client that goes away
+cancels its requests.
 """
 
+from __future__ import annotations
 
-import dataclasses
-import json
-import time
-import typing
-import uuid
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+try:
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, PlainTextResponse
+except ImportError as e:
+    raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
 
 from lmforge import api
-from lmforge.generate.config import FIELDS, GenerationConfig
-from lmforge.serve.engine import Engine
+from lmforge.generate.config import GenerationConfig
+from lmforge.serve.engine import Engine, Limits
+from lmforge.serve.errors import Guard, bad_value, install_handlers
+from lmforge.serve.metrics import Metrics
+from lmforge.serve.openai_schema import generate_request_model
+from lmforge.serve.routes_openai import add_openai_routes
+from lmforge.serve.runner import EventStream, Server
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+             "/v1/embeddings", "/v1/generate")
 
 
-def request_model(name: str, defaults: dict | None = None, **extra):
-    """A pydantic request model with one field per `GenerationConfig` option (its type, its
-    default or `defaults[name]`, its help as the description) plus `extra` fields
-    (name=(type, default)). Values are checked by GenerationConfig itself."""
-    from pydantic import Field, create_model
-    defaults, hints = defaults or {}, typing.get_type_hints(GenerationConfig)
-    fields = {}
-    for f in dataclasses.fields(GenerationConfig):
-        default = defaults.get(f.name, f.default)
-        kind = hints[f.name] if default is not None or f.default is None else hints[f.name] | None
-        if typing.get_origin(kind) is tuple:
-            kind = list[str]
-            default = list(default)
-        fields[f.name] = (kind, Field(default, description=f.metadata["help"]))
-    return create_model(name, **fields, **extra)
+def default_model_name(model_dir) -> str:
+    """The name the API calls the model: the directory's (or file's) name without its suffix."""
+    path = Path(str(model_dir).rstrip("/\\"))
+    return (path.stem if path.suffix in (".gguf", ".safetensors", ".bin", ".pt") else path.name) or "model"
 
 
-def create_app(model_dir: str, int8: bool = False):
-    """A FastAPI app serving the model at `model_dir` (int8: quantised weights, see api.load)."""
-    try:
-        from fastapi import FastAPI, HTTPException
-        from fastapi.responses import StreamingResponse
-        from pydantic import BaseModel
-    except ImportError as e:
-        raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
+def create_app(model_dir, *, model_name: str | None = None, api_key: str | None = None,
+               limits: Limits | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, int8: bool = False,
+               shutdown_timeout: float = 30.0):
+    """A FastAPI app serving the model at `model_dir` (see the module docstring).
 
+    model_name: what /v1/models calls it and requests must name, if they name one (default:
+    the directory's name). api_key: every endpoint but /health and / needs
+    `Authorization: Bearer <api_key>` (None: no key). limits: the engine's batch, queue, prompt
+    and max_tokens limits. max_body_bytes: larger request bodies are a 413. int8: quantised
+    weights (see api.load). On shutdown the engine finishes what it runs, for up to
+    shutdown_timeout seconds."""
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
     model, tok = api.load(model_dir, int8=int8)
     if tok is None:
         raise ValueError(f"{model_dir}: the server needs a tokenizer next to the model")
-    engine = Engine(model, tok)
-    app = FastAPI(title="lmforge", version="0.1.0")
-    app.state.engine = engine
+    engine, metrics = Engine(model, tok, limits), Metrics()
+    s = Server(model, tok, engine, metrics, model_name or default_model_name(model_dir))
 
-    GenerateRequest = request_model("GenerateRequest", prompt=(str, ...), stream=(bool, False))
-    # OpenAI's chat: max_tokens (256), temperature 0 → greedy, > 0 → sampling (unless strategy says)
-    ChatRequest = request_model("ChatRequest", {"max_new_tokens": 256, "temperature": 0.0, "strategy": None},
-                                messages=(list[dict], ...), stream=(bool, False), max_tokens=(int | None, None))
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close, cancel=False, timeout=shutdown_timeout)
 
-    class EmbeddingsRequest(BaseModel):
-        input: list[str] | str
-        normalize: bool = True
-
-    def generation(r) -> GenerationConfig:
-        """The request's GenerationConfig (ValueError → 400 naming the field)."""
-        options = {k: getattr(r, k) for k in FIELDS}
-        if isinstance(r, ChatRequest):
-            if r.max_tokens is not None:
-                options["max_new_tokens"] = r.max_tokens
-            if options["strategy"] is None:
-                options["strategy"] = "sample" if r.temperature > 0 else "greedy"
-        return GenerationConfig(**options)
-
-    def run(prompt, stream, config):
-        """The text (stream=False) or an iterator of text pieces, made on the engine thread."""
-        streamable = config.strategy != "beam" and not config.prompt_lookup and model.cfg.family == "decoder"
-        if stream and streamable:
-            ids = tok.encode(prompt)
-            if not ids:
-                raise ValueError("the prompt is empty")
-            req = engine.submit(ids, config)
-            return (e.text for e in req if e.text)
-        text = engine.call(lambda: api.generate_text(model, tok, prompt, config)).result()
-        return iter([text]) if stream else text
-
-    def sse(chunks):
-        for c in chunks:
-            yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
-        yield "data: [DONE]\n\n"
+    app = FastAPI(title="lmforge", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.server = engine, metrics, s
+    install_handlers(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, endpoints=ENDPOINTS)
 
     @app.get("/", include_in_schema=False)
     def playground():
         from importlib.resources import files
-
-        from fastapi.responses import HTMLResponse
         return HTMLResponse((files("lmforge.serve") / "static" / "index.html").read_text(encoding="utf-8"))
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_dir, "family": model.cfg.family, "task": model.cfg.task}
+        return {"status": "ok", "model": s.name, "family": model.cfg.family, "task": model.cfg.task}
+
+    @app.get("/metrics")
+    def prometheus():
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    GenerateRequest = generate_request_model()
 
     @app.post("/v1/generate")
-    def generate(r: GenerateRequest):
-        try:
-            if r.stream:
-                it = run(r.prompt, True, generation(r))
-                return StreamingResponse(sse({"text": d} for d in it), media_type="text/event-stream")
-            text = run(r.prompt, False, generation(r))
-            return {"text": text}
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+    async def generate(r: GenerateRequest):
+        with s.errors(r):
+            config = GenerationConfig(**{k: getattr(r, k) for k in GenerationConfig.__dataclass_fields__})
+        if r.stream and config.strategy == "beam":
+            raise bad_value("beam search does not stream; send stream=false", "stream")
+        ids = s.encode(r.prompt, "prompt")
+        started = await s.start(ids, config, r=r)
+        n_prompt = len(s.fit(ids, config))
+        if r.stream:
+            async def chunks():
+                async for _, e in s.merged(started):
+                    if e.text or e.finish_reason:
+                        yield {"text": e.text, "finish_reason": e.finish_reason}
+            return EventStream(chunks(), started)
+        answers = await s.finish(started)
+        out = {"text": answers[0].text, "finish_reason": answers[0].finish_reason,
+               "usage": s.usage(n_prompt, answers)}
+        if len(answers) > 1:
+            out["texts"] = [a.text for a in answers]
+        return out
 
-    @app.post("/v1/chat/completions")
-    def chat(r: ChatRequest):
-        try:
-            prompt = api.chat_prompt(tok, r.messages)
-            rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
-            if r.stream:
-                it = run(prompt, True, generation(r))
-                chunks = ({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "choices": [{"index": 0, "delta": {"content": d}}]} for d in it)
-                return StreamingResponse(sse(chunks), media_type="text/event-stream")
-            text = run(prompt, False, generation(r))
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_dir,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}]}
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
-
-    @app.post("/v1/embeddings")
-    def embeddings(r: EmbeddingsRequest):
-        from lmforge.embed import embed
-        texts = [r.input] if isinstance(r.input, str) else r.input
-        try:
-            vecs = engine.call(lambda: embed(model, tok, texts, normalize=r.normalize)).result()
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
-        return {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
-                                           for i, v in enumerate(vecs.tolist())]}
-
+    add_openai_routes(app, s)
     return app
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, int8: bool = False) -> None:
+def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Run `create_app(model_dir, **options)` with uvicorn on host:port."""
     import uvicorn
-    uvicorn.run(create_app(model_dir, int8=int8), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model_dir, **options), host=host, port=port, log_level="info")
