@@ -1,7 +1,11 @@
 """The server: an OpenAI-style HTTP API (`app`) in front of one engine thread (`engine`).
 
-    app.py      the FastAPI app and `serve` (uvicorn)
-    engine.py   Engine: the queue, the engine thread, requests and their events
+    app.py            create_app (the FastAPI app, lmforge's /v1/generate) and `serve` (uvicorn)
+    routes_openai.py  OpenAI's endpoints; openai_schema.py their request fields and response shapes
+    runner.py         how a request runs on the engine and streams (server-sent events)
+    errors.py         OpenAI's error shape; the API key and body-size checks (Guard)
+    metrics.py        Prometheus text for /metrics
+    engine.py         Engine: the queue, the engine thread, requests and their events
     static/     the web playground served at /
 
 `create_app` and `serve` are imported on first use (FastAPI loads only then).

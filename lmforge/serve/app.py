@@ -18,8 +18,6 @@ engine (`Engine.submit`); beam search and encoder-decoders run whole on the engi
 cancels its requests.
 """
 
-from __future__ import annotations
-
 import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path

@@ -53,7 +53,8 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
-        return JSONResponse(validation_api_error(e.errors()).body(), status_code=422)
+        error = validation_api_error(e.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):

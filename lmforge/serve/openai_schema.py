@@ -28,7 +28,6 @@ from lmforge.serve.errors import bad_value
 
 INFORMATIONAL = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls",
                            "prompt_cache_key", "safety_identifier"})
-NEUTRAL = (None, False, 0, "", [], {})
 OPENAI_DEFAULTS = {"best_of": (1,), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
                    "function_call": ("none", "auto"), "modalities": (["text"],)}
 
@@ -99,10 +98,18 @@ def generate_request_model():
 def check_extras(r: BaseModel) -> None:
     """400 for an unknown field that asks for something (see the module docstring)."""
     for name, value in (r.model_extra or {}).items():
-        if name in INFORMATIONAL or any(value == v and type(value) is type(v) for v in NEUTRAL) \
-                or value in OPENAI_DEFAULTS.get(name, ()):
+        if name in INFORMATIONAL or _neutral(value) or value in OPENAI_DEFAULTS.get(name, ()):
             continue
         raise bad_value(f"{name}={value!r} is not supported by this server; leave it out (or at its default)", name)
+
+
+def _neutral(value) -> bool:
+    """null, false, a zero, or empty: a value that asks for nothing."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, (str, list, dict)) and not value
 
 
 def generation_config(r: _Request, max_new_tokens: int, seed: int | None) -> GenerationConfig:

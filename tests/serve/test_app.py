@@ -87,8 +87,9 @@ def test_bad_requests_are_openai_errors(http):
     error_of(http.post("/v1/completions", json={"prompt": "a", "top_p": 2.0}), 400, "top_p")
     error_of(http.post("/v1/completions", json={"prompt": "a", "max_tokens": 500}), 400, "max_tokens")
     error_of(http.post("/v1/completions", json={"prompt": "a", "presence_penalty": 0.5}), 400, "presence_penalty")
-    assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "presence_penalty": 0,
-                                              "user": "u1", "logit_bias": {}}).status_code == 200
+    assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "presence_penalty": 0.0,
+                                              "frequency_penalty": 0, "user": "u1", "logit_bias": {},
+                                              "echo": False, "best_of": 1}).status_code == 200
     error_of(http.post("/v1/completions", json={"prompt": "a", "num_beams": 2, "stream": True}), 400, "num_beams")
     error_of(http.post("/v1/completions", json={"prompt": [], "max_tokens": 2}), 400, "prompt")
     error_of(http.post("/v1/completions", json={"prompt": [1, 99999]}), 400, "prompt")
@@ -222,3 +223,17 @@ def _wait_for(condition, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition did not come true"
         time.sleep(0.01)
+
+
+def test_serve_flags_reach_create_app(monkeypatch, tiny_text_model):
+    import lmforge.serve.app
+    from lmforge.cli import main
+    got = {}
+    monkeypatch.setattr(lmforge.serve.app, "serve", lambda model, **kw: got.update(kw, model=model))
+    monkeypatch.setenv("LMFORGE_API_KEY", "from-env")
+    assert main(["serve", str(tiny_text_model), "--model-name", "m", "--max-queue", "3", "--max-tokens", "9",
+                 "--max-body-bytes", "100", "--port", "0"]) == 0
+    assert got["api_key"] == "from-env" and got["model_name"] == "m" and got["max_body_bytes"] == 100
+    assert got["limits"] == Limits(max_queue=3, max_new_tokens=9) and got["host"] == "127.0.0.1"
+    main(["serve", str(tiny_text_model), "--api-key", "flag"])
+    assert got["api_key"] == "flag" and got["limits"] == Limits()
