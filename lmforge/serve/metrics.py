@@ -8,12 +8,14 @@
     lmforge_running                               sequences in the engine's running batch
     lmforge_time_to_first_token_seconds           histogram, from submission to the first token
     lmforge_request_duration_seconds              histogram, from submission to the last event
+    lmforge_engine_<key>_total                    each of the engine's own counters (Engine.stats)
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import re
 import threading
 
 # seconds; Prometheus adds +Inf
@@ -84,6 +86,9 @@ class Metrics:
             out += [f'lmforge_finished_total{{reason="{_label(r)}"}} {n}' for r, n in sorted(self.finished.items())]
             out += _scalar("lmforge_queue_depth", "gauge", "Requests waiting for the engine.", engine.queue_depth)
             out += _scalar("lmforge_running", "gauge", "Sequences in the engine's running batch.", engine.running)
+            for key, n in sorted(dict(getattr(engine, "stats", {})).items()):  # steps, batch_tokens, ...
+                name = "lmforge_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key)) + "_total"
+                out += _scalar(name, "counter", f"The engine's count of {key}.", n)
             for name, h, what in (("lmforge_time_to_first_token_seconds", self.ttft, "submission to first token"),
                                   ("lmforge_request_duration_seconds", self.duration, "submission to last event")):
                 out += [f"# HELP {name} Seconds from {what}.", f"# TYPE {name} histogram", *h.lines(name)]

@@ -2,6 +2,7 @@
 shape, the API key, the body limit, /metrics, a client that goes away, and shutdown."""
 
 import json
+import re
 import threading
 import time
 
@@ -177,6 +178,9 @@ def test_metrics_are_prometheus_text(http):
         assert metric(text, h + '_bucket{le="+Inf"}') == metric(text, h + "_count") >= 1
         assert metric(text, h + "_sum") > 0
     assert "lmforge_queue_depth 0" in text and "lmforge_running " in text
+    assert metric(text, "lmforge_engine_completion_tokens_total") >= 3  # the engine's own counters
+    sample = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+')
+    assert all(sample.fullmatch(line) for line in text.splitlines() if not line.startswith("#"))
 
 
 def test_a_client_that_leaves_cancels_its_request(tiny_server):
