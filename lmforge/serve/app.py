@@ -29,7 +29,7 @@ except ImportError as e:
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
 
 from lmforge import api
-from lmforge.generate.config import GenerationConfig
+from lmforge.generate.config import FIELDS, GenerationConfig
 from lmforge.serve.engine import Engine, Limits
 from lmforge.serve.errors import Guard, bad_value, install_handlers
 from lmforge.serve.metrics import Metrics
@@ -95,7 +95,7 @@ def create_app(model_dir, *, model_name: str | None = None, api_key: str | None 
     @app.post("/v1/generate")
     async def generate(r: GenerateRequest):
         with s.errors(r):
-            config = GenerationConfig(**{k: getattr(r, k) for k in GenerationConfig.__dataclass_fields__})
+            config = GenerationConfig(**{k: getattr(r, k) for k in FIELDS})
         if r.stream and config.strategy == "beam":
             raise bad_value("beam search does not stream; send stream=false", "stream")
         ids = s.encode(r.prompt, "prompt")
