@@ -14,8 +14,8 @@
 Field meanings and the policy for fields it cannot honour: `openai_schema`. Errors, the API
 key and the body limit: `errors`. Greedy and sampling decoder generations stream from the
 engine (`Engine.submit`); beam search and encoder-decoders run whole on the engine thread
-(`Engine.call`). Handlers never block the event loop, and a streaming client that goes away
-cancels its requests.
+(`Engine.call`). Handlers never block the event loop, and a client that goes away (streaming
+or waiting for a whole answer) cancels its requests.
 """
 
 import asyncio
@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 try:
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse
 except ImportError as e:
     raise ImportError("the server needs FastAPI and uvicorn: pip install 'lmforge[serve]'") from e
@@ -93,7 +93,7 @@ def create_app(model_dir, *, model_name: str | None = None, api_key: str | None 
     GenerateRequest = generate_request_model()
 
     @app.post("/v1/generate")
-    async def generate(r: GenerateRequest):
+    async def generate(r: GenerateRequest, client: Request):
         with s.errors(r):
             config = GenerationConfig(**{k: getattr(r, k) for k in FIELDS})
         if r.stream and config.strategy == "beam":
@@ -107,7 +107,7 @@ def create_app(model_dir, *, model_name: str | None = None, api_key: str | None 
                     if e.text or e.finish_reason:
                         yield {"text": e.text, "finish_reason": e.finish_reason}
             return EventStream(chunks(), started)
-        answers = await s.finish(started)
+        answers = await s.finish(started, client)
         out = {"text": answers[0].text, "finish_reason": answers[0].finish_reason,
                "usage": s.usage(n_prompt, answers)}
         if len(answers) > 1:

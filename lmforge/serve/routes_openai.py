@@ -14,6 +14,8 @@ import base64
 import time
 import uuid
 
+from starlette.requests import Request as HTTPRequest
+
 from lmforge import api
 from lmforge.serve.errors import bad_value
 from lmforge.serve.openai_schema import (ChatRequest, CompletionRequest, EmbeddingsRequest, chat_logprobs,
@@ -60,7 +62,7 @@ def add_openai_routes(app, s: Server) -> None:
             raise bad_value("beam search (num_beams > 1) does not stream; send stream=false", "num_beams")
 
     @app.post("/v1/completions")
-    async def completions(r: CompletionRequest):
+    async def completions(r: CompletionRequest, client: HTTPRequest):
         s.check_model(r.model)
         check_extras(r)
         started, offsets, n_prompt = [], [], 0  # offsets: each choice's prompt length (text_offset)
@@ -90,14 +92,14 @@ def add_openai_routes(app, s: Server) -> None:
                 if include_usage(r):
                     yield {**out, "choices": [], "usage": s.usage(n_prompt, started)}
             return EventStream(chunks(), started)
-        answers = await s.finish(started)
+        answers = await s.finish(started, client)
         choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
                     "logprobs": None if r.logprobs is None else completion_logprobs(tok, a.events, offsets[i])}
                    for i, a in enumerate(answers)]
         return {**out, "choices": choices, "usage": s.usage(n_prompt, answers)}
 
     @app.post("/v1/chat/completions")
-    async def chat(r: ChatRequest):
+    async def chat(r: ChatRequest, client: HTTPRequest):
         from jinja2 import TemplateError
         s.check_model(r.model)
         check_extras(r)
@@ -130,7 +132,7 @@ def add_openai_routes(app, s: Server) -> None:
                 if include_usage(r):
                     yield {**out, "choices": [], "usage": s.usage(n_prompt, started)}
             return EventStream(chunks(), started)
-        answers = await s.finish(started)
+        answers = await s.finish(started, client)
         choices = [{"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish_reason,
                     "logprobs": None if logprobs is None else chat_logprobs(tok, a.events)}
                    for i, a in enumerate(answers)]

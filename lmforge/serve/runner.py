@@ -162,12 +162,21 @@ class Server:
         answer.finish_reason, answer.completion_tokens = started.finish_reason, started.completion_tokens
         return answer
 
-    async def finish(self, started: list) -> list[Answer]:
-        """Wait for every choice (off the event loop's back: the engine thread does the work)."""
+    async def finish(self, started: list, client=None) -> list[Answer]:
+        """Wait for every choice (the engine thread does the work); if `client` (the HTTP
+        request) disconnects first, cancel them."""
+        work = asyncio.ensure_future(asyncio.gather(*(self.collect(s) for s in started)))
+        gone = asyncio.ensure_future(_disconnect(client)) if client is not None else None
         try:
-            return list(await asyncio.gather(*(self.collect(s) for s in started)))
+            await asyncio.wait([t for t in (work, gone) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise APIError(499, "the client closed the connection", None, "client_closed")
+            return list(work.result())
         finally:
             cancel(started)
+            for t in (work, gone):
+                if t is not None and not t.done():
+                    t.cancel()
 
     async def merged(self, started: list):
         """(choice index, Event) from every choice as they come."""
@@ -208,6 +217,12 @@ class Server:
         completion = sum(s.completion_tokens for s in started_or_answers)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
+
+
+async def _disconnect(client) -> None:
+    """Return when the client of the Starlette request `client` disconnects (its body is read)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _whole_events(answer: Answer):

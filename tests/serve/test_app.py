@@ -210,6 +210,32 @@ def test_a_client_that_leaves_cancels_its_request(tiny_server):
         handle.remove()
 
 
+def test_a_client_that_times_out_cancels_its_request(tiny_server):
+    url, app = tiny_server
+    engine, gate, calls = app.state.engine, threading.Event(), [0]
+
+    def hold(*_):  # the second forward pass waits until the disconnect has been seen
+        calls[0] += 1
+        if calls[0] == 2:
+            gate.wait(60)
+    handle = engine.model.backbone.tokens.register_forward_hook(hold)
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            cancelled = metric(http.get("/metrics").text, 'lmforge_finished_total{reason="cancelled"}')
+            tokens = engine.stats["completion_tokens"]
+            with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+                http.post("/v1/chat/completions", timeout=httpx.Timeout(120, read=0.5),
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60})
+            _wait_for(lambda: metric(http.get("/metrics").text,
+                                     'lmforge_finished_total{reason="cancelled"}') == cancelled + 1)
+            gate.set()
+            assert http.post("/v1/completions", json={"prompt": "the", "max_tokens": 3}).status_code == 200
+            assert engine.stats["completion_tokens"] - tokens < 60
+    finally:
+        gate.set()
+        handle.remove()
+
+
 def test_shutdown_finishes_and_closes_the_engine(tiny_text_model):
     from fastapi.testclient import TestClient
 
