@@ -13,7 +13,8 @@ pytest.importorskip("uvicorn")
 
 @contextlib.contextmanager
 def live_server(app):
-    """Serve `app` on 127.0.0.1 (a free port) until the block ends; yields the base URL."""
+    """Serve `app` on 127.0.0.1 (a free port) until the block ends; yields (base URL, the
+    uvicorn.Server)."""
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -26,7 +27,7 @@ def live_server(app):
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(30)
@@ -38,5 +39,5 @@ def tiny_server(tiny_text_model):
     """(base URL, app) of the tiny decoder LM served as "tiny" without an API key."""
     from lmforge.serve import create_app
     app = create_app(tiny_text_model, model_name="tiny")
-    with live_server(app) as url:
+    with live_server(app) as (url, _):
         yield url, app

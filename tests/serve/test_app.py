@@ -46,7 +46,7 @@ def guarded(tiny_text_model):
     from lmforge.serve import create_app
     app = create_app(tiny_text_model, api_key=KEY, max_body_bytes=4096,
                      limits=Limits(max_batch=1, max_queue=1, max_new_tokens=20))
-    with live_server(app) as url:
+    with live_server(app) as (url, _):
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as keyed, \
                 httpx.Client(base_url=url, timeout=120) as anonymous:
             yield keyed, anonymous, app
@@ -236,15 +236,25 @@ def test_a_client_that_times_out_cancels_its_request(tiny_server):
         handle.remove()
 
 
-def test_shutdown_finishes_and_closes_the_engine(tiny_text_model):
+def test_shutdown_finishes_what_runs_then_closes_the_engine(tiny_text_model):
     from fastapi.testclient import TestClient
 
     from lmforge.serve import create_app
     app = create_app(tiny_text_model)
-    with live_server(app) as url:
-        assert httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-    with pytest.raises(EngineClosed):  # the lifespan closed it
-        app.state.engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+    engine, gate, done = app.state.engine, threading.Event(), []
+    engine.call(lambda: gate.wait(60))  # holds the engine thread: the request below waits in the queue
+    with live_server(app) as (url, server):
+        t = threading.Thread(target=lambda: done.append(httpx.post(
+            url + "/v1/completions", json={"prompt": "a", "max_tokens": 4}, timeout=120)))
+        t.start()
+        _wait_for(lambda: engine.queue_depth == 1)
+        server.should_exit = True  # shutdown begins with the request in flight ...
+        _wait_for(lambda: not any(s.is_serving() for s in server.servers))
+        gate.set()  # ... and it still gets its whole answer
+    t.join(60)
+    assert done[0].status_code == 200 and done[0].json()["usage"]["completion_tokens"] == 4
+    with pytest.raises(EngineClosed):  # then the lifespan closed the engine
+        engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
     error_of(TestClient(app).post("/v1/completions", json={"prompt": "a", "max_tokens": 2}), 503)
 
 

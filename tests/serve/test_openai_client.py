@@ -79,6 +79,8 @@ def test_n_choices_stop_and_seed(client, lm):
     assert r.choices[0].text == r.choices[1].text == text
     assert r.choices[2].text == reference(lm, "jumps", 8)[0]
     assert r.usage.prompt_tokens == len(tok.encode("the lazy dog")) + len(tok.encode("jumps"))
+    ids = client.completions.create(model="tiny", prompt=tok.encode("the lazy dog"), max_tokens=8, temperature=0)
+    assert ids.choices[0].text == text and ids.usage.prompt_tokens == len(tok.encode("the lazy dog"))
     stop = text.strip()[len(text.strip()) // 2]
     s = client.completions.create(model="tiny", prompt="the lazy dog", max_tokens=8, temperature=0, stop=[stop])
     assert s.choices[0].text == generate_text(model, tok, "the lazy dog", max_new_tokens=8, stop=[stop])
@@ -112,6 +114,8 @@ def test_models(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="the", max_tokens=2)
 
 
@@ -141,7 +145,7 @@ def test_embeddings_match_embed():
     model, tok = lmforge.load(path)
     texts = ["a cat sits on the mat", "stock prices fell"]
     want = embed(model, tok, texts).numpy()
-    with live_server(create_app(path)) as url:
+    with live_server(create_app(path)) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         r = client.embeddings.create(model="model", input=texts)  # the client asks for base64
         assert np.allclose(np.array([d.embedding for d in r.data]), want, atol=1e-5)
