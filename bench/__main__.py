@@ -1,6 +1,6 @@
 """Run the benchmark suite: every group, or one.
 
-    python -m bench [train|decode|chat|llm|embed|ceilings] [--quick] [--threads N] [--out runs/bench/results.json]
+    python -m bench [train|decode|chat|llm|embed|serve|ceilings] [--quick] [--threads N] [--out runs/bench/results.json]
 
 Prints one table; writes the JSON (machine, versions, every rate of every repeat) and a
 bar chart of the ratios next to it. The ceilings are measured in every run: the other
@@ -19,13 +19,13 @@ import sys
 import tempfile
 import time
 
-from bench import ceilings, chat, decode, embed, train
+from bench import ceilings, chat, decode, embed, serving, train
 from bench.report import format_table, plot
 from bench.timing import Settings
 
-GROUPS = {"train": train, "decode": decode, "chat": chat, "embed": embed}
+GROUPS = {"train": train, "decode": decode, "chat": chat, "embed": embed, "serve": serving}
 ALIASES = {"llm": "chat"}
-PACKAGES = ["lmforge", "torch", "transformers", "sentence-transformers", "ctranslate2", "llama_cpp_python", "numpy"]
+PACKAGES = ["lmforge", "torch", "transformers", "sentence-transformers", "ctranslate2", "llama_cpp_python", "numpy", "httpx"]
 
 
 def machine() -> dict:
