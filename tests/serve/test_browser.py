@@ -69,7 +69,9 @@ def live(app):
     finally:
         server.should_exit = True
         thread.join(10)
-        app.state.engine.close()
+        engine = getattr(app.state, "engine", None)
+        if engine is not None:
+            engine.close()
         sock.close()
 
 
