@@ -97,13 +97,13 @@ def rewrite_readme(readme: str, block: str) -> str:
 
 
 def plot(results: dict, png: str) -> None:
-    """A horizontal bar chart of every ratio (lmforge / reference), with 1× marked."""
+    """A horizontal bar chart of lmforge's ratios (lmforge / reference), with 1× marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     bars = [(f"{m['group']} {m['model']} {m['case']}: {k}", v) for m in results["measurements"]
-            for k, v in m["ratios"].items()]
+            for k, v in m["ratios"].items() if k.split(" / ")[0] in m.get("subjects", [])]  # lmforge's ratios
     fig, ax = plt.subplots(figsize=(13, 0.28 * len(bars) + 1.5))
     fig.subplots_adjust(left=0.45, right=0.95, top=1 - 0.6 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
     if bars:

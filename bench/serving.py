@@ -191,7 +191,10 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                 for label in list(runs):
                     time.sleep(settings.pause)
                     try:
-                        runs[label][n].append(client.measure(f"{label} {n}"))
+                        r = client.measure(f"{label} {n}")
+                        runs[label][n].append(r)
+                        print(f"  serve: {label}, {n} streams: {r['units'] / r['wall']:,.1f} tok/s", file=sys.stderr,
+                              flush=True)
                     except WorkerError as e:  # this server fails under load: it leaves the comparison
                         lineup.missing[label] = str(e)
                         del runs[label]
