@@ -75,10 +75,11 @@ def live(app):
         sock.close()
 
 
-def api(base: str, path: str, body: dict | None = None) -> dict:
+def api(base: str, path: str, body: dict | None = None, key: str | None = None) -> dict:
     """The server's JSON answer (GET without a body, POST with one), without the browser."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(base + path, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=WAIT) as r:
         return json.loads(r.read())
 
@@ -186,6 +187,27 @@ def test_completion_tab_streams_and_beam_answers(browser, decoder_server):
                                          "num_beams": 3})
     browser.find_element("id", "prompt").clear()
     assert ask(browser, "the lazy dog") == want["choices"][0]["text"]
+
+
+def test_api_key_field_sends_the_bearer_token(browser, tiny_text_model):
+    import inspect
+
+    from lmforge.serve import create_app
+    if "api_key" not in inspect.signature(create_app).parameters:
+        pytest.skip("this server's create_app takes no api_key yet")
+    with live(create_app(str(tiny_text_model), api_key="sesame")) as base:
+        open_page(browser, base, "decoder")  # /health and the page need no key
+        set_value(browser, "max_tokens", 5)
+        browser.find_element("id", "prompt").send_keys("over the lazy")
+        browser.find_element("id", "send").click()
+        wait(browser, lambda b: js(b, "document.getElementById('output').dataset.state") == "error", "a refusal")
+        assert "401" in text(browser, "error")
+        assert browser.find_elements("css selector", "#history .msg") == []  # the refused message left the history
+        want = api(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "over the lazy"}],
+                                                  "max_tokens": 5, "temperature": 0}, key="sesame")
+        set_value(browser, "api-key", "sesame")
+        browser.find_element("id", "prompt").clear()
+        assert ask(browser, "over the lazy") == want["choices"][0]["message"]["content"]
 
 
 def test_similarity_tab_on_an_encoder(browser, encoder_model):
