@@ -1,6 +1,6 @@
 """Run the benchmark suite: every group, or one.
 
-    python -m bench [train|decode|chat|llm|embed|ceilings] [--quick] [--threads N] [--out runs/bench/results.json]
+    python -m bench [train|decode|chat|llm|embed|serve|ceilings] [--quick] [--threads N] [--out runs/bench/results.json]
 
 Prints one table; writes the JSON (machine, versions, every rate of every repeat) and a
 bar chart of the ratios next to it. The ceilings are measured in every run: the other
@@ -19,13 +19,13 @@ import sys
 import tempfile
 import time
 
-from bench import ceilings, chat, decode, embed, train
+from bench import ceilings, chat, decode, embed, serving, train
 from bench.report import format_table, plot
 from bench.timing import Settings
 
-GROUPS = {"train": train, "decode": decode, "chat": chat, "embed": embed}
+GROUPS = {"train": train, "decode": decode, "chat": chat, "embed": embed, "serve": serving}
 ALIASES = {"llm": "chat"}
-PACKAGES = ["lmforge", "torch", "transformers", "sentence-transformers", "ctranslate2", "llama_cpp_python", "numpy"]
+PACKAGES = ["lmforge", "torch", "transformers", "sentence-transformers", "ctranslate2", "llama_cpp_python", "numpy", "httpx"]
 
 
 def machine() -> dict:
@@ -52,8 +52,9 @@ def versions() -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("group", nargs="?", default="all", choices=["all", *GROUPS, *ALIASES, "ceilings"])
-    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 training step per repeat, 32 chat tokens: "
-                    "under 10 minutes on 2 cores (fewer repeats than a published figure needs)")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 training step per repeat, 32 chat tokens, 4 requests per serve level: "
+                    "under 10 minutes on 2 cores before group serve was added (fewer repeats than a published "
+                    "figure needs)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the machinery only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every contender (all cores)")
     ap.add_argument("--repeats", type=int, help="timed repeats after warm-up (default 5; --quick 2)")

@@ -46,7 +46,10 @@ def table_rows(results: dict) -> list[list[str]]:
     for m in results["measurements"]:
         for label, c in m["contenders"].items():
             ratios = [f"{v:.2f}x {k.split(' / ')[1]}" for k, v in m["ratios"].items() if k.startswith(label + " / ")]
-            rows.append([m["group"], m["model"], m["case"], label, f"{_num(c['rate'])} {m['unit']}",
+            rate = f"{_num(c['rate'])} {m['unit']}"
+            if c.get("ttft_p50_ms") is not None:  # group serve: time to first token
+                rate += f", first token p50 {c['ttft_p50_ms']:,.0f} ms, p99 {c['ttft_p99_ms']:,.0f} ms"
+            rows.append([m["group"], m["model"], m["case"], label, rate,
                          ", ".join(ratios) or "", _num(c.get("limit_pct")), _num(c.get("peak_rss_mb"), ",.0f")])
         for label, why in m.get("missing", {}).items():
             rows.append([m["group"], m["model"], m["case"], label, "not measured", why[:90], "", ""])
@@ -68,6 +71,7 @@ def format_table(results: dict) -> str:
     notes += [f"{m['group']} {m['model']} {m['case']}: first-step loss " + ", ".join(
         f"{k} {v:.5f}" for k, v in m["first_loss"].items() if v is not None)
         for m in results["measurements"] if m.get("first_loss")]
+    notes += [m["note"] for m in results["measurements"] if m.get("note")]
     errors = [f"group {k} failed: {v}" for k, v in results.get("errors", {}).items()]
     return "\n".join(_header(results) + [""] + lines + [""] + list(dict.fromkeys(notes)) + errors)
 
@@ -93,13 +97,13 @@ def rewrite_readme(readme: str, block: str) -> str:
 
 
 def plot(results: dict, png: str) -> None:
-    """A horizontal bar chart of every ratio (lmforge / reference), with 1× marked."""
+    """A horizontal bar chart of lmforge's ratios (lmforge / reference), with 1× marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     bars = [(f"{m['group']} {m['model']} {m['case']}: {k}", v) for m in results["measurements"]
-            for k, v in m["ratios"].items()]
+            for k, v in m["ratios"].items() if k.split(" / ")[0] in m.get("subjects", [])]  # lmforge's ratios
     fig, ax = plt.subplots(figsize=(13, 0.28 * len(bars) + 1.5))
     fig.subplots_adjust(left=0.45, right=0.95, top=1 - 0.6 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
     if bars:

@@ -40,21 +40,35 @@ class WorkerError(RuntimeError):
     pass
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: bench/ and lmforge/
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment of every process the suite starts: the same thread count for every
+    runtime (OpenMP, MKL, OpenBLAS; BENCH_THREADS for the rest), offline, and this checkout's
+    packages first on the path."""
+    n = str(settings.threads)
+    env = dict(os.environ, BENCH_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def log_path(settings: Settings, kind: str, label: str, obj: object) -> str:
+    safe = "".join(c if c.isalnum() else "-" for c in label)
+    return os.path.join(settings.log_dir, f"{kind}-{safe}-{os.getpid()}-{id(obj)}.log")
+
+
 class Worker:
     """A `python -m bench.workers.<module>` process, spoken to in JSON lines."""
 
     def __init__(self, module: str, label: str, settings: Settings):
         self.label = label
-        n = str(settings.threads)
-        env = dict(os.environ, BENCH_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
-                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        safe = "".join(c if c.isalnum() else "-" for c in label)
-        self.log = os.path.join(settings.log_dir, f"{module}-{safe}-{os.getpid()}-{id(self)}.log")
+        self.log = log_path(settings, module, label, self)
         self._err = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", f"bench.workers.{module}"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=root)
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     env=process_env(settings), cwd=ROOT)
         self.peak_rss_mb: float | None = None
 
     def request(self, op: str, **kw) -> dict:
@@ -83,6 +97,10 @@ class Worker:
     def time(self, case_id: str) -> tuple[float, float]:
         ans = self.request("time", id=case_id)
         return ans["seconds"], ans["units"]
+
+    def measure(self, case_id: str) -> dict:
+        """One repeat of a case whose run answers a dict of figures: that dict (and seconds)."""
+        return self.request("time", id=case_id)
 
     def close(self) -> float | None:
         """End the process; returns (and keeps) its peak resident memory in MB."""

@@ -22,12 +22,14 @@ def _modules_after_import(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module, library", [("bench.workers.ct2", "ctranslate2"),
                                              ("bench.workers.llamacpp", "llama_cpp"),
+                                             ("bench.workers.load_client", "httpx"), ("bench.serving", None),
                                              ("bench.__main__", None), ("bench.report", None)])
 def test_reference_workers_and_the_orchestrator_import_no_torch(module, library):
     if library:
         pytest.importorskip(library)
     loaded = _modules_after_import(module)
     assert "torch" not in loaded and "transformers" not in loaded, module
+    assert library == "llama_cpp" or "llama_cpp" not in loaded, module
     if library:
         assert library in loaded
 
@@ -76,3 +78,115 @@ def test_readme_rewrite_touches_only_the_block(tmp_path):
     assert after.startswith("# lmforge\n\n## Speed\n\n") and after.endswith("\n\n## Layout\nfiles\n")
     with pytest.raises(ValueError, match="exactly one"):
         report.rewrite_readme("no markers here", "x")
+
+
+def _fake_openai_server(usage: bool, delay: float = 0.05):
+    """A stdlib HTTP server streaming OpenAI chat chunks: a role chunk, `: ping` comments, three text
+    chunks after `delay` seconds, a finish chunk, then (usage=True) a usage chunk. Records each body."""
+    import http.server
+    import threading
+    import time
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((body, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            events = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}, ": ping"]
+            events += [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("a", " b", " c")]
+            events += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}]
+            events += [{"choices": [], "usage": {"completion_tokens": 4}}] if usage else []
+            time.sleep(delay)
+            for e in events:
+                line = e if isinstance(e, str) else "data: " + json.dumps(e)
+                self.wfile.write((line + "\r\n\r\n").encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_load_client_on_a_fake_server(usage):
+    pytest.importorskip("httpx")
+    import asyncio
+
+    from bench.workers.load_client import run_load
+    server, url, seen = _fake_openai_server(usage)
+    try:
+        prompts = ["p0", "p1", "p2", "p3"]
+        out = asyncio.run(run_load(url, concurrency=3, requests=5, max_tokens=7, prompts=prompts, api_key="k"))
+    finally:
+        server.shutdown()
+    # 3 clients share 5 requests: 2 each, one after another
+    assert len(out["requests"]) == len(seen) == 6
+    want = 4 if usage else 3  # the server's usage, else the chunks that carried text
+    assert [r["tokens"] for r in out["requests"]] == [want] * 6 and out["units"] == 6 * want
+    assert {r["counted"] for r in out["requests"]} == {"usage" if usage else "chunks"}
+    assert {r["finish"] for r in out["requests"]} == {"length"}
+    assert all(0.05 <= r["ttft"] <= r["seconds"] <= out["wall"] for r in out["requests"])
+    assert sorted(b["messages"][0]["content"] for b, _ in seen) == sorted(prompts[i % 4] for i in range(6))
+    body, auth = seen[0]
+    assert auth == "Bearer k" and body["stream"] and body["temperature"] == 0 and body["max_tokens"] == 7
+    assert body["stream_options"] == {"include_usage": True}
+
+
+def test_sse_lines_and_chunk_text():
+    from bench.workers.load_client import DONE, chunk_text, sse_data
+    assert sse_data(": ping - 2026") is None and sse_data("") is None and sse_data("event: x") is None
+    assert sse_data("data: [DONE]") == DONE
+    assert chunk_text(sse_data('data: {"choices": [{"delta": {"content": "hi"}}]}')) == "hi"
+    assert chunk_text(sse_data('data:{"choices": [{"text": " there"}]}')) == " there"  # completions
+    assert chunk_text({"choices": [], "usage": {"completion_tokens": 3}}) == ""
+
+
+def test_serve_statistics():
+    import statistics
+
+    from bench.serving import level_ratios, percentile, summarize
+    xs = [0.3, 0.1, 0.2, 0.5, 0.4]
+    assert percentile(xs, 50) == statistics.median(xs)
+    assert percentile(xs, 99) == pytest.approx(0.4 + 0.96 * 0.1)  # rank 3.96 of the sorted list
+    assert percentile([2.0], 99) == 2.0
+    runs = [{"units": 100.0, "wall": 2.0, "requests": [{"ttft": t, "counted": "usage", "finish": "length"}
+                                                         for t in (0.1, 0.2, 0.3)]},
+            {"units": 100.0, "wall": 4.0, "requests": [{"ttft": t, "counted": "usage", "finish": f}
+                                                         for t, f in ((0.2, "stop"), (0.4, "length"), (0.6, "length"))]},
+            {"units": 90.0, "wall": 1.0, "requests": [{"ttft": 0.1, "counted": "usage", "finish": "length"}]}]
+    s = summarize(runs)
+    assert s["rates"] == [50.0, 25.0, 90.0] and s["rate"] == 50.0
+    assert s["ttft_p50s_ms"] == pytest.approx([200.0, 400.0, 100.0]) and s["ttft_p50_ms"] == pytest.approx(200.0)
+    assert s["ttft_p99s_ms"] == pytest.approx([298.0, 596.0, 100.0]) and s["ttft_p99_ms"] == pytest.approx(298.0)
+    assert s["finish"] == {"length": 6, "stop": 1} and s["tokens_from"] == ["usage"]
+    rates = {"lmforge": {1: [10.0, 12.0, 11.0], 16: [80.0, 60.0, 99.0]},
+             "llama.cpp": {1: [20.0, 20.0, 22.0], 16: [20.0, 30.0, 22.0]}}
+    r = level_ratios(rates, 16)
+    assert r["lmforge / llama.cpp"] == pytest.approx(4.0)  # median of 4, 2, 4.5
+    assert r["lmforge / lmforge at 1 stream"] == pytest.approx(8.0)  # median of 8, 5, 9
+    assert r["llama.cpp / llama.cpp at 1 stream"] == pytest.approx(1.0)  # median of 1, 1.5, 1
+    assert level_ratios(rates, 1) == {"lmforge / llama.cpp": pytest.approx(0.5)}
+
+
+def test_serve_rows_show_time_to_first_token():
+    results = json.loads(json.dumps(RESULTS))
+    results["measurements"] = [{
+        "group": "serve", "model": "SmolLM2-135M-Instruct", "case": "16 streams, 64 new tokens", "unit": "tok/s",
+        "subjects": ["lmforge"], "limit": "", "missing": {}, "note": "serve: streaming chat",
+        "ratios": {"lmforge / llama.cpp": 2.0, "lmforge / lmforge at 1 stream": 5.0},
+        "contenders": {"lmforge": {"rate": 400.0, "ttft_p50_ms": 120.0, "ttft_p99_ms": 480.4, "peak_rss_mb": 900.0},
+                       "llama.cpp": {"rate": 200.0, "ttft_p50_ms": 2000.0, "ttft_p99_ms": 5000.0, "peak_rss_mb": 250.0}}}]
+    block = report.readme_block(results)
+    assert ("| serve | SmolLM2-135M-Instruct | 16 streams, 64 new tokens | lmforge | 400.0 tok/s, first token p50 120 ms, "
+            "p99 480 ms | 2.00x llama.cpp, 5.00x lmforge at 1 stream | — | 900 |") in block
+    assert "first token p50 2,000 ms, p99 5,000 ms" in block and "serve: streaming chat" in report.format_table(results)

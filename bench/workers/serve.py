@@ -2,7 +2,8 @@
 
 Requests: {"op": "prepare", "id": ..., "kind": ..., "args": {...}} sets up a case (loads the
 model, builds the inputs) and answers the handler's info; {"op": "time", "id": ...} runs the
-case once and answers {"seconds", "units"}; {"op": "quit"} answers the peak resident memory
+case once and answers {"seconds", "units"} (a case whose run returns a dict answers its keys too,
+`units` among them); {"op": "quit"} answers the peak resident memory
 and ends. Imports only the standard library: a reference worker stays free of torch.
 """
 
@@ -17,7 +18,8 @@ import traceback
 from typing import Callable
 
 # handler(**args) -> (run, info): run() does one repeat of the work and returns the units done
-Handler = Callable[..., tuple[Callable[[], float], dict]]
+# (or a dict of figures with "units" among them)
+Handler = Callable[..., tuple[Callable[[], float | dict], dict]]
 
 
 def threads() -> int:
@@ -50,8 +52,9 @@ def serve(handlers: dict[str, Handler]) -> None:
                 reply({"ok": True, **info})
             elif req["op"] == "time":
                 t = time.perf_counter()
-                units = cases[req["id"]]()
-                reply({"ok": True, "seconds": time.perf_counter() - t, "units": units})
+                done = cases[req["id"]]()
+                done = done if isinstance(done, dict) else {"units": done}  # a dict: units and more figures
+                reply({"ok": True, "seconds": time.perf_counter() - t, **done})
             elif req["op"] == "quit":
                 reply({"ok": True, "peak_rss_mb": peak_rss_mb()})
                 return
