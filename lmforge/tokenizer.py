@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge.atomic import atomic_write
 from lmforge.progress import say
 
 ROLES = ("pad", "bos", "eos", "unk", "cls", "sep", "mask")
@@ -100,17 +101,18 @@ class Tokenizer:
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` and `tokenizer_config.json`, loadable by HF `AutoTokenizer` too."""
+        """Write `tokenizer.json` and `tokenizer_config.json` (each atomically), loadable by HF
+        `AutoTokenizer` too."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(directory / "tokenizer.json"))
+        atomic_write(directory / "tokenizer.json", lambda tmp: self.hf.save(str(tmp)))
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         config.update({f"{role}_token": tok for role, tok in self.special_tokens.items()})
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        atomic_write(directory / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -246,15 +248,25 @@ def _say(on: bool, line: str) -> float:
     return time.time()
 
 
+# A longer line is refused by check_text_file and lmforge.data.corpus.text_lines: it is minified
+# or binary data, not text, and reading it whole would hold it all in memory.
+MAX_LINE_BYTES = 16 << 20
+
+
 def check_text_file(path: Path) -> None:
-    """Raise if `path` is missing, empty, binary (NUL bytes) or not UTF-8, naming the file, the line
-    and the byte offset."""
+    """Raise if `path` is missing, empty, binary (NUL bytes), not UTF-8 or has a line longer than
+    MAX_LINE_BYTES, naming the file, the line and the byte offset."""
     if not path.is_file():
         raise FileNotFoundError(f"training file {path} does not exist")
     decoder, offset, lines, content = codecs.getincrementaldecoder("utf-8")(), 0, 0, False
-    newline = b"\n"
+    newline, run = b"\n", 0  # run: bytes since the last newline
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(1 << 20):  # a chunk is shorter than MAX_LINE_BYTES: only a line across chunks can exceed it
+            first = chunk.find(newline)
+            if run + (len(chunk) if first < 0 else first) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}: line {lines + 1} (byte offset {offset - run}) is longer than "
+                                 f"{MAX_LINE_BYTES:,} bytes; lines of text are expected (split the file)")
+            run = run + len(chunk) if first < 0 else len(chunk) - chunk.rfind(newline) - 1
             if (nul := chunk.find(b"\0")) >= 0:
                 raise ValueError(f"{path} looks binary: NUL byte at offset {offset + nul} "
                                  f"(line {lines + chunk.count(newline, 0, nul) + 1})")

@@ -30,15 +30,12 @@ def read_retrieval(path: str | Path, limit: int | None = None) -> tuple[list[str
         return where[text]
 
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        paragraphs = (p for article in data.get("data", []) for p in article["paragraphs"])
-        for para in paragraphs:
-            if limit and len(queries) >= limit:
+        from lmforge.tasks.qa import read_squad  # validated: errors name the file and the question
+        for q in read_squad(path):
+            if limit and len(queries) >= limit and q.context not in where:
                 break
-            d = doc_id(para["context"])
-            for qa in para["qas"]:
-                queries.append(qa["question"])
-                relevant.append({d})
+            queries.append(q.question)
+            relevant.append({doc_id(q.context)})
     else:
         for n, row in jsonl_rows(path):
             if "doc" in row:
