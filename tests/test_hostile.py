@@ -207,3 +207,45 @@ def test_token_cache_keeps_no_half_built_folder(tmp_path, tiny_text_model):
         build_token_file(tmp_path / "corpus", Tokenizer.load(tiny_text_model), tmp_path / "cache",
                          batch_size=8, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ---- a damaged search index -------------------------------------------------------------------------
+class _Bomb:
+    def __reduce__(self):
+        return (print, ("a pickled index ran code",))
+
+
+def _damage_npy_pickle(d: Path) -> None:
+    import numpy as np
+    np.save(d / "embeddings.npy", np.array([_Bomb(), _Bomb()], dtype=object), allow_pickle=True)
+
+
+DAMAGES = {  # how the index is damaged → (file named, what the message says)
+    "index.json not JSON": (lambda d: (d / "index.json").write_text("{not json"), "index.json", "JSONDecodeError"),
+    "index.json without count": (lambda d: (d / "index.json").write_text("{}"), "index.json", "KeyError: 'count'"),
+    "embeddings truncated": (lambda d: (d / "embeddings.npy").write_bytes((d / "embeddings.npy").read_bytes()[:100]),
+                             "embeddings.npy", "ValueError"),
+    "embeddings pickled": (_damage_npy_pickle, "embeddings.npy", "ValueError"),
+    "texts not UTF-8": (lambda d: (d / "texts.jsonl").write_bytes(b'{"text": "caf\xe9"}\n'), "texts.jsonl",
+                        "UnicodeDecodeError"),
+    "texts without text": (lambda d: (d / "texts.jsonl").write_text('{"doc": "a"}\n{"doc": "b"}\n'), "texts.jsonl",
+                           "KeyError: 'text'"),
+    "one text missing": (lambda d: (d / "texts.jsonl").write_text('{"text": "a"}\n'), "",
+                         r"index is inconsistent \(2 vectors, 1 texts, index.json says 2\)"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_a_damaged_index_is_named_and_runs_no_code(tmp_path, capsys, case):
+    import numpy as np
+    from lmforge.embed import SemanticIndex
+    damage, name, expected = DAMAGES[case]
+    d = tmp_path / "index"
+    SemanticIndex(np.eye(2, dtype=np.float32), ["a", "b"], {"count": 2, "dim": 2, "model": "m"}).save(d)
+    damage(d)
+    where = f"index/{name}" if name else "index: "
+    with pytest.raises(ValueError, match=rf"{where}.*{expected}"):
+        SemanticIndex.load(d)
+    assert main(["search", str(d), "a query"]) == 2
+    err = capsys.readouterr()
+    assert re.search(rf"lmforge search: error: .*{where}", err.err) and "ran code" not in err.out + err.err
