@@ -123,7 +123,7 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
             if (directory / name).is_file():
-                config.update(json.loads((directory / name).read_text(encoding="utf-8")))
+                config.update(_json_object(directory / name))
         roles = {}
         for role in ROLES:
             value = config.get(f"{role}_token")
@@ -135,7 +135,10 @@ class Tokenizer:
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if (directory / "tokenizer.json").is_file():
-            hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:  # the Rust library raises a bare Exception on a damaged file
+                raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer file: {e}") from None
             hf.no_padding(), hf.no_truncation()  # as HF transformers does: padding is done per batch, by pad_batch
         elif (directory / "vocab.txt").is_file():
             hf = _bert_from_vocab(directory / "vocab.txt", config)
@@ -150,6 +153,17 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         max_len = max_len if isinstance(max_len, int) and max_len < 10**9 else None  # HF uses 1e30 for "unset"
         return cls(hf, roles, template, max_len)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from a file; anything else is a ValueError naming the file."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise ValueError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _bert_from_vocab(vocab_file: Path, config: dict) -> HFTokenizer:

@@ -172,6 +172,30 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, capsys,
     assert _sha(tmp_path / "dst") == before
 
 
+TOKENIZER_DAMAGES = {  # file → (bytes written over it, what the message says)
+    "tokenizer.json garbage": ("tokenizer.json", b"{not json", r"tokenizer.json: not a readable tokenizer file"),
+    "tokenizer.json binary": ("tokenizer.json", b"\x89PNG\r\n\x1a\n\x00\x00", r"tokenizer.json: not a readable tokenizer file"),
+    "tokenizer.json empty": ("tokenizer.json", b"", r"tokenizer.json: not a readable tokenizer file"),
+    "tokenizer.json truncated": ("tokenizer.json", None, r"tokenizer.json: not a readable tokenizer file"),
+    "config not JSON": ("tokenizer_config.json", b"eos_token: </s>", r"tokenizer_config.json: not a readable JSON file"),
+    "config not UTF-8": ("tokenizer_config.json", b'{"eos_token": "\xff"}', r"tokenizer_config.json: not a readable JSON file"),
+    "config a list": ("tokenizer_config.json", b"[1, 2]", r"tokenizer_config.json: expected a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("case", TOKENIZER_DAMAGES)
+def test_a_damaged_tokenizer_is_named(tmp_path, capsys, tiny_text_model, case):
+    name, data, expected = TOKENIZER_DAMAGES[case]
+    shutil.copytree(tiny_text_model, tmp_path / "m")
+    f = tmp_path / "m" / name
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2] if data is None else data)
+    with pytest.raises(ValueError, match=expected):
+        lmforge.load(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err) and "Traceback" not in err
+
+
 # ---- prompts longer than the context ----------------------------------------------------------------
 def test_prompt_longer_than_the_context(tiny_text_model, capsys, monkeypatch):
     model, tok = lmforge.load(tiny_text_model)
