@@ -80,6 +80,20 @@ def test_checkpoint_config_of_wrong_type_or_unknown_key(tmp_path, case):
         lmforge.load(tmp_path)
 
 
+@pytest.mark.parametrize("change, expected", [
+    ({"n_embd": "32"}, r"ModelConfig.d_model='32' has type str; expected int"),
+    ({"n_layer": 2.5}, r"ModelConfig.n_decoder_layers=2.5 has type float; expected int"),
+    ({"n_head": None}, r"ModelConfig.n_heads=None has type NoneType; expected int"),
+])
+def test_hf_config_of_wrong_type_names_the_file(tmp_path, change, expected):
+    from tests.conftest import tiny_hf
+    tiny_hf("gpt2").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=rf"config.json: {expected}"):
+        lmforge.load(tmp_path)
+
+
 RECIPES = {  # YAML text or overrides → what the message says
     "unknown section": ("colour: blue\n", [], r"unknown key 'colour'; a recipe has: model, tokenizer"),
     "unknown train key": ("train:\n  speed: 3\n", [], r"unknown key 'train.speed'; train takes: "),

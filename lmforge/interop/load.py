@@ -36,7 +36,11 @@ def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.f
         kw = {**({"task": task} if task else {}), **overrides}
         model, tok = load_model(path, dtype=dtype, **kw), _tokenizer(path)
     elif kind == "hf":
-        model, tok = load_hf(path, task=task, dtype=dtype, **overrides), _tokenizer(path)
+        try:
+            model = load_hf(path, task=task, dtype=dtype, **overrides)
+        except ValueError as e:  # a config.json value of the wrong type: say which file
+            raise ValueError(e if str(path) in str(e) else f"{path / 'config.json'}: {e}") from None
+        tok = _tokenizer(path)
     else:
         raise ValueError(f"{path}: not an lmforge or Hugging Face model directory (no usable config.json) "
                          "and not a .gguf file")
