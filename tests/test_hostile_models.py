@@ -134,6 +134,37 @@ def test_finetune_options_of_wrong_type_or_unknown(tmp_path, capsys, tiny_text_m
     assert not (tmp_path / "ft").exists()
 
 
+# ---- damaged model files ------------------------------------------------------------------------------
+MODEL_DAMAGES = {  # case → (file, bytes written over it (None: its first half), what the message says)
+    "safetensors truncated": ("model.safetensors", None, r"model.safetensors: not a readable safetensors file"),
+    "safetensors garbage": ("model.safetensors", b"\x00" * 64, r"model.safetensors: not a readable safetensors file"),
+    "safetensors empty": ("model.safetensors", b"", r"model.safetensors: not a readable safetensors file"),
+    "config.json binary": ("config.json", b"\x89PNG\r\n\x1a\n\x00", r"no usable config.json"),
+    "config.json a list": ("config.json", b"[1, 2]", r"no usable config.json"),
+    "gguf empty": ("model.gguf", b"", r"model.gguf: not a valid GGUF file, or truncated"),
+    "gguf garbage": ("model.gguf", b"\x89PNG\r\n\x1a\n" * 10, r"model.gguf: not a valid GGUF file, or truncated"),
+    "gguf truncated": ("model.gguf", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16, r"model.gguf: not a valid GGUF file"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_DAMAGES)
+def test_a_damaged_model_file_is_named_and_convert_leaves_its_destination(tmp_path, capsys, tiny_text_model, case):
+    name, data, expected = MODEL_DAMAGES[case]
+    shutil.copytree(tiny_text_model, tmp_path / "m")
+    f = tmp_path / "m" / name
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2] if data is None else data)
+    src = f if name.endswith(".gguf") else tmp_path / "m"
+    with pytest.raises(ValueError, match=expected):
+        lmforge.load(src)
+    shutil.copytree(tiny_text_model, tmp_path / "dst")
+    before = _sha(tmp_path / "dst")
+    for argv in (["info", str(src)], ["convert", str(src), str(tmp_path / "dst")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(expected, err) and "Traceback" not in err, err
+    assert _sha(tmp_path / "dst") == before
+
+
 # ---- checkpoints of another model ------------------------------------------------------------------
 @pytest.mark.parametrize("other, expected", [
     ({"preset": "gpt-tiny", "vocab_size": 500}, r"refusing a partial load: wrong shape: backbone.tokens.weight: checkpoint \(500, 64\) vs model \(1000, 64\)"),
