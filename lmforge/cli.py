@@ -121,7 +121,8 @@ def _cmd_eval(a) -> int:
         metrics = evaluate_task(a.task, a.model, a.data, **opts)
     _print_metrics(a.task, metrics)
     if a.out:
-        Path(a.out).write_text(json.dumps(metrics, indent=2))
+        from lmforge.atomic import atomic_write
+        atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return 0
 
 

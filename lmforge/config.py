@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -84,6 +85,9 @@ class ModelConfig:
             value = getattr(self, f.name)
             if allowed and value not in allowed:
                 raise ValueError(f"ModelConfig.{f.name}={value!r} is not one of {sorted(allowed)}")
+            if not allowed and not _has_type(value, hints[f.name]):
+                raise ValueError(f"ModelConfig.{f.name}={value!r} has type {type(value).__name__}; "
+                                 f"expected {_type_name(hints[f.name])}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
@@ -190,6 +194,31 @@ def _literal_values(tp) -> set:
     if get_origin(tp) is Literal:
         return set(get_args(tp))
     return set().union(*(_literal_values(a) for a in get_args(tp))) if get_args(tp) else set()
+
+
+def _has_type(value, tp) -> bool:
+    """Whether `value` fits the annotation `tp` (numpy numbers count as numbers; a bool is no number)."""
+    if get_origin(tp) is Literal:
+        return value in get_args(tp)
+    if get_args(tp) and get_origin(tp) is not list:  # Optional[...] / X | None
+        return any(_has_type(value, a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return isinstance(value, list) and all(_has_type(v, get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp in (int, float):
+        return not isinstance(value, bool) and isinstance(value, numbers.Integral if tp is int else numbers.Real)
+    return isinstance(value, tp)
+
+
+def _type_name(tp) -> str:
+    if get_args(tp) and get_origin(tp) is not list:
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def _yaml():

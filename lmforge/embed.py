@@ -205,12 +205,22 @@ class SemanticIndex:
         for name in ("index.json", "embeddings.npy", "texts.jsonl"):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name} not found: {d} is not an lmforge index (lmforge index build)")
-        meta = json.loads((d / "index.json").read_text())
-        vecs = np.load(d / "embeddings.npy", mmap_mode="r")
-        texts = [json.loads(line)["text"] for line in (d / "texts.jsonl").read_text().splitlines() if line]
-        if len(texts) != vecs.shape[0] or vecs.shape[0] != meta["count"]:
+        name = "index.json"
+        try:  # a damaged file is named (np.load refuses pickled arrays: loading runs no code)
+            meta = json.loads((d / name).read_text(encoding="utf-8"))
+            count = meta["count"]
+            name = "embeddings.npy"
+            vecs = np.load(d / name, mmap_mode="r")
+            if vecs.ndim != 2 or vecs.dtype.kind != "f":
+                raise ValueError(f"expected a 2-d float array, got shape {vecs.shape} of {vecs.dtype}")
+            name = "texts.jsonl"
+            texts = [json.loads(line)["text"] for line in (d / name).read_text(encoding="utf-8").splitlines() if line]
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"{d / name}: damaged index file ({type(e).__name__}: {e}); "
+                             f"rebuild the index with lmforge index build") from None
+        if len(texts) != vecs.shape[0] or vecs.shape[0] != count:
             raise ValueError(f"{d}: index is inconsistent ({vecs.shape[0]} vectors, {len(texts)} texts, "
-                             f"index.json says {meta['count']})")
+                             f"index.json says {count})")
         return cls(np.array(vecs, dtype=np.float32), texts, meta)
 
     def check_model(self, model_dir: str | Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmforge.atomic import atomic_write
 from lmforge.progress import say
 
 ROLES = ("pad", "bos", "eos", "unk", "cls", "sep", "mask")
@@ -100,17 +101,18 @@ class Tokenizer:
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Write `tokenizer.json` and `tokenizer_config.json`, loadable by HF `AutoTokenizer` too."""
+        """Write `tokenizer.json` and `tokenizer_config.json` (each atomically), loadable by HF
+        `AutoTokenizer` too."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(directory / "tokenizer.json"))
+        atomic_write(directory / "tokenizer.json", lambda tmp: self.hf.save(str(tmp)))
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         config.update({f"{role}_token": tok for role, tok in self.special_tokens.items()})
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        atomic_write(directory / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -121,7 +123,7 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
             if (directory / name).is_file():
-                config.update(json.loads((directory / name).read_text(encoding="utf-8")))
+                config.update(_json_object(directory / name))
         roles = {}
         for role in ROLES:
             value = config.get(f"{role}_token")
@@ -133,7 +135,10 @@ class Tokenizer:
         if template is None and (directory / "chat_template.jinja").is_file():
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if (directory / "tokenizer.json").is_file():
-            hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:  # the Rust library raises a bare Exception on a damaged file
+                raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer file: {e}") from None
             hf.no_padding(), hf.no_truncation()  # as HF transformers does: padding is done per batch, by pad_batch
         elif (directory / "vocab.txt").is_file():
             hf = _bert_from_vocab(directory / "vocab.txt", config)
@@ -148,6 +153,17 @@ class Tokenizer:
         max_len = config.get("model_max_length")
         max_len = max_len if isinstance(max_len, int) and max_len < 10**9 else None  # HF uses 1e30 for "unset"
         return cls(hf, roles, template, max_len)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from a file; anything else is a ValueError naming the file."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise ValueError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _bert_from_vocab(vocab_file: Path, config: dict) -> HFTokenizer:
@@ -246,15 +262,25 @@ def _say(on: bool, line: str) -> float:
     return time.time()
 
 
+# A longer line is refused by check_text_file and lmforge.data.corpus.text_lines: it is minified
+# or binary data, not text, and reading it whole would hold it all in memory.
+MAX_LINE_BYTES = 16 << 20
+
+
 def check_text_file(path: Path) -> None:
-    """Raise if `path` is missing, empty, binary (NUL bytes) or not UTF-8, naming the file, the line
-    and the byte offset."""
+    """Raise if `path` is missing, empty, binary (NUL bytes), not UTF-8 or has a line longer than
+    MAX_LINE_BYTES, naming the file, the line and the byte offset."""
     if not path.is_file():
         raise FileNotFoundError(f"training file {path} does not exist")
     decoder, offset, lines, content = codecs.getincrementaldecoder("utf-8")(), 0, 0, False
-    newline = b"\n"
+    newline, run = b"\n", 0  # run: bytes since the last newline
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(1 << 20):  # a chunk is shorter than MAX_LINE_BYTES: only a line across chunks can exceed it
+            first = chunk.find(newline)
+            if run + (len(chunk) if first < 0 else first) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}: line {lines + 1} (byte offset {offset - run}) is longer than "
+                                 f"{MAX_LINE_BYTES:,} bytes; lines of text are expected (split the file)")
+            run = run + len(chunk) if first < 0 else len(chunk) - chunk.rfind(newline) - 1
             if (nul := chunk.find(b"\0")) >= 0:
                 raise ValueError(f"{path} looks binary: NUL byte at offset {offset + nul} "
                                  f"(line {lines + chunk.count(newline, 0, nul) + 1})")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmforge.progress import Progress
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import MAX_LINE_BYTES, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 _HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
@@ -47,30 +47,37 @@ def source_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _lines(path: Path) -> Iterator[str]:
-    """Decoded lines of a file, streamed; raises naming file, line and byte offset on binary or non-UTF-8 data."""
+def text_lines(path: str | Path) -> Iterator[str]:
+    """Decoded lines of a text file (line endings kept), streamed. Raises a ValueError naming the
+    file, line and byte offset on a NUL byte (binary data), bytes that are not UTF-8, or a line longer
+    than MAX_LINE_BYTES: memory stays bounded by that limit, however the file is made."""
+    path = Path(path)
     with open(path, "rb") as f:
-        offset = 0
-        for lineno, raw in enumerate(f, 1):
+        offset, lineno = 0, 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}: line {lineno} (byte offset {offset}) is longer than "
+                                 f"{MAX_LINE_BYTES:,} bytes; lines of text are expected (split the file)")
             if (nul := raw.find(b"\0")) >= 0:
                 raise ValueError(f"{path} looks binary: NUL byte at line {lineno} (byte offset {offset + nul})")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not valid UTF-8 at line {lineno} "
-                                 f"(byte offset {offset + e.start})") from None
+                raise ValueError(f"{path} is not valid UTF-8: line {lineno}, byte offset {offset + e.start}; "
+                                 "save it as UTF-8") from None
             yield line
             offset += len(raw)
 
 
 def _text_documents(path: Path, split: str) -> Iterator[str]:
     if split == "file":
-        yield "".join(_lines(path))
+        yield "".join(text_lines(path))
     elif split == "line":
-        yield from (line.rstrip("\r\n") for line in _lines(path))
+        yield from (line.rstrip("\r\n") for line in text_lines(path))
     else:  # "paragraph": blocks separated by blank lines
         block = []
-        for line in chain(_lines(path), [""]):
+        for line in chain(text_lines(path), [""]):
             if line.strip():
                 block.append(line)
             elif block:
@@ -79,7 +86,7 @@ def _text_documents(path: Path, split: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_lines(path), 1):
+    for lineno, line in enumerate(text_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -232,6 +239,9 @@ def build_token_file(source: str | Path | Iterable[str | Path], tokenizer: Token
                     np.asarray(ids, dtype=dtype).tofile(out)
                 bar.update(min(sum(len(t.encode("utf-8")) for t in batch), total - bar.n))
         bar.finish()
+    except BaseException:  # a bad file met halfway (or Ctrl-C): no half-built folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         bar.close()
     if n_tokens == 0:
@@ -322,31 +332,25 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> t
 def read_lines(path: str | Path, skip_empty: bool = False) -> list[str]:
     """One text per line (.txt) or per JSON object with a "text" field (.jsonl). An empty line (or
     empty "text") is an error naming file and line unless skip_empty; an empty file is always an
-    error, and so is one that is not UTF-8 (naming the line and byte offset)."""
+    error, and so are binary data, bytes that are not UTF-8 and overlong lines (`text_lines`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found")
     texts = []
-    try:
-        with open(p, encoding="utf-8") as f:
-            for n, raw in enumerate(f, 1):
-                line = raw.rstrip("\r\n")
-                if p.suffix == ".jsonl" and line.strip():
-                    try:
-                        line = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        line = None
-                    if not isinstance(line, str):
-                        raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' string")
-                if not line.strip():
-                    if skip_empty:
-                        continue
-                    raise ValueError(f"{p}:{n}: empty {'line' if not raw.strip() else repr('text')}")
-                texts.append(line)
-    except UnicodeDecodeError:
-        from lmforge.tokenizer import check_text_file
-        check_text_file(p)  # raises, naming the file, line and byte offset
-        raise
+    for n, raw in enumerate(text_lines(p), 1):
+        line = raw.rstrip("\r\n")
+        if p.suffix == ".jsonl" and line.strip():
+            try:
+                line = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                line = None
+            if not isinstance(line, str):
+                raise ValueError(f"{p}:{n}: expected a JSON object with a 'text' string")
+        if not line.strip():
+            if skip_empty:
+                continue
+            raise ValueError(f"{p}:{n}: empty {'line' if not raw.strip() else repr('text')}")
+        texts.append(line)
     if not texts:
         raise ValueError(f"{p} is empty")
     return texts
@@ -354,20 +358,20 @@ def read_lines(path: str | Path, skip_empty: bool = False) -> list[str]:
 
 def jsonl_rows(path: str | Path, skip_empty: bool = True) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each line of a .jsonl file; a line that is not a JSON object
-    (or an empty line, unless skip_empty) is an error naming file and line."""
+    (or an empty line, unless skip_empty) is an error naming file and line, as are the faults
+    `text_lines` refuses."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                if skip_empty:
-                    continue
-                raise ValueError(f"{path}:{n}: empty line")
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            if skip_empty:
+                continue
+            raise ValueError(f"{path}:{n}: empty line")
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row

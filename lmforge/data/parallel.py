@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from lmforge.data.corpus import jsonl_rows
+from lmforge.data.corpus import jsonl_rows, text_lines
 
 
 class Pair(NamedTuple):
@@ -51,11 +51,7 @@ def resolve_files(spec: str | Path | Sequence[str | Path], src_lang: str | None 
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"parallel text file {path} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
+    return [line.rstrip("\r\n") for line in text_lines(path)]
 
 
 def _read_lines(src_path: Path, tgt_path: Path) -> list[Pair]:

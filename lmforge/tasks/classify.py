@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.corpus import jsonl_rows, pad_batch
+from lmforge.data.corpus import jsonl_rows, pad_batch, text_lines
 from lmforge.evaluate import accuracy, macro_f1
 from lmforge.interop.load import load_with_tokenizer
 from lmforge.objectives import get_objective
@@ -41,22 +41,22 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
     if path.suffix == ".jsonl":
         yield from jsonl_rows(path)
         return
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix not in (".tsv", ".csv"):
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .csv or .jsonl")
-        # TSV: split on tabs with no quoting (SST-2 and GLUE text contains bare quote characters)
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file (expected a header line)")
-        header = [h.strip() for h in header]
-        for row in reader:
-            n = reader.line_num
-            if not row or not any(c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{n}: {len(row)} fields but the header has {len(header)}")
-            yield n, dict(zip(header, row))
+    if path.suffix not in (".tsv", ".csv"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .csv or .jsonl")
+    lines = text_lines(path)  # binary, non-UTF-8 and overlong lines fail here, naming the line
+    # TSV: split on tabs with no quoting (SST-2 and GLUE text contains bare quote characters)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: empty file (expected a header line)")
+    header = [h.strip() for h in header]
+    for row in reader:
+        n = reader.line_num
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{n}: {len(row)} fields but the header has {len(header)}")
+        yield n, dict(zip(header, row))
 
 
 def read_classify(path: str | Path, text_field: str | None = None, pair_field: str | None = None,

@@ -55,8 +55,15 @@ def read_squad(path: str | Path, limit: int | None = None) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
+    raw = path.read_bytes()  # a .json file is read whole (SQuAD's train set is one line of 30 MB)
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file")
+    if (nul := raw.find(b"\0")) >= 0:
+        raise ValueError(f"{path} looks binary: NUL byte at byte offset {nul}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8: byte offset {e.start}; save it as UTF-8") from None
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -65,7 +72,15 @@ def read_squad(path: str | Path, limit: int | None = None) -> list[Question]:
 
 
 def squad_questions(data: dict, source: str = "<squad>", limit: int | None = None) -> list[Question]:
-    """Questions of an already loaded SQuAD dict; answers are checked against their contexts."""
+    """Questions of an already loaded SQuAD dict; answers are checked against their contexts. A
+    missing field or one of the wrong type is an error naming `source` and the field."""
+    try:
+        return _squad_questions(data, source, limit)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{source}: not SQuAD JSON: missing or malformed field {e}") from None
+
+
+def _squad_questions(data: dict, source: str, limit: int | None) -> list[Question]:
     out = []
     for article in data["data"]:
         for para in article["paragraphs"]:

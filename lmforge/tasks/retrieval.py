@@ -7,7 +7,6 @@ each question's relevant document is its paragraph.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmforge.data.corpus import jsonl_rows
@@ -30,22 +29,24 @@ def read_retrieval(path: str | Path, limit: int | None = None) -> tuple[list[str
         return where[text]
 
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        paragraphs = (p for article in data.get("data", []) for p in article["paragraphs"])
-        for para in paragraphs:
-            if limit and len(queries) >= limit:
+        from lmforge.tasks.qa import read_squad  # validated: errors name the file and the question
+        for q in read_squad(path):
+            if limit and len(queries) >= limit and q.context not in where:
                 break
-            d = doc_id(para["context"])
-            for qa in para["qas"]:
-                queries.append(qa["question"])
-                relevant.append({d})
+            queries.append(q.question)
+            relevant.append({doc_id(q.context)})
     else:
         for n, row in jsonl_rows(path):
             if "doc" in row:
+                if not isinstance(row["doc"], str) or not row["doc"].strip():
+                    raise ValueError(f"{path}:{n}: 'doc' must be a non-empty string, got {row['doc']!r}")
                 doc_id(row["doc"])
                 continue
-            if not row.get("query") or not row.get("positives"):
-                raise ValueError(f"{path}:{n}: needs 'query' and a non-empty 'positives' list (or 'doc')")
+            query, positives = row.get("query"), row.get("positives")
+            if (not isinstance(query, str) or not query.strip() or not isinstance(positives, list) or not positives
+                    or not all(isinstance(p, str) and p.strip() for p in positives)):
+                raise ValueError(f"{path}:{n}: needs a 'query' string and a non-empty 'positives' list of strings "
+                                 f"(or 'doc')")
             queries.append(row["query"])
             relevant.append({doc_id(p) for p in row["positives"]})
     if not queries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.corpus import text_lines
 from lmforge.embed import cosine, embed
 from lmforge.evaluate import pearson, spearman
 
@@ -27,23 +28,22 @@ def read_sts(path: str | Path) -> list[ScoredPair]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            try:
-                if len(parts) >= 7:
-                    pairs.append(ScoredPair(parts[5], parts[6], float(parts[4])))
-                elif len(parts) == 3:
-                    pairs.append(ScoredPair(parts[0], parts[1], float(parts[2])))
-                else:
-                    raise ValueError(f"expected 7 (STS-B) or 3 tab-separated fields, got {len(parts)}")
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            if not pairs[-1].a.strip() or not pairs[-1].b.strip():
-                raise ValueError(f"{path}:{n}: empty sentence")
+    for n, line in enumerate(text_lines(path), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        try:
+            if len(parts) >= 7:
+                pairs.append(ScoredPair(parts[5], parts[6], float(parts[4])))
+            elif len(parts) == 3:
+                pairs.append(ScoredPair(parts[0], parts[1], float(parts[2])))
+            else:
+                raise ValueError(f"expected 7 (STS-B) or 3 tab-separated fields, got {len(parts)}")
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        if not pairs[-1].a.strip() or not pairs[-1].b.strip():
+            raise ValueError(f"{path}:{n}: empty sentence")
     if not pairs:
         raise ValueError(f"{path}: no sentence pairs")
     return pairs

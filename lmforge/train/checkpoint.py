@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.atomic import atomic_write
+from lmforge.models.io import load_checked
 
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 _LEFTOVER = re.compile(r"^\.ckpt-\d+\.pt(\.sha256)?\..*\.tmp$")  # atomic_write's temporary names
@@ -202,9 +203,18 @@ class TrainState:
                    train_config=asdict(train_config), world_size=world_size,
                    model_config=model.cfg.to_dict() if hasattr(model, "cfg") else None, skipped=skipped)
 
-    def restore(self, model, optimizer, data, rank: int = 0) -> None:
-        """Put the weights, optimizer moments, data position and this process's generators back."""
-        model.load_state_dict(self.model)
+    def restore(self, model, optimizer, data, rank: int = 0, source: str = "<checkpoint>") -> None:
+        """Put the weights, optimizer moments, data position and this process's generators back.
+        A checkpoint of another model (names or shapes differ) is refused, naming both shapes and
+        the config fields that differ."""
+        try:
+            load_checked(model, self.model, source)
+        except ValueError as e:
+            own = model.cfg.to_dict() if hasattr(model, "cfg") else {}
+            diff = [f"{k}: checkpoint {v!r}, this run {own[k]!r}" for k, v in (self.model_config or {}).items()
+                    if k in own and own[k] != v]
+            raise ValueError(f"{e}. The checkpoint is of another model" + (f" ({'; '.join(diff)})" if diff else "")
+                             + "; resume with the recipe that wrote it, or start afresh in another out_dir") from None
         optimizer.load_state_dict(self.optimizer)
         ranks = self.rng_ranks or []
         set_rng_state(ranks[rank] if rank < len(ranks) else self.rng)

@@ -194,7 +194,7 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     found = ckpt.load_latest_state(ckpt_dir, say if talk else None) if cfg.resume and ckpt_dir is not None else None
     if found is not None:
         last_ckpt, state = found
-        state.restore(model, optimizer, data, d.rank)
+        state.restore(model, optimizer, data, d.rank, str(last_ckpt))
         step, tokens, elapsed_before, skipped = state.step, state.tokens, state.elapsed, state.skipped
         window, window_steps, window_tokens = state.window, state.window_steps, state.window_tokens
         if talk:

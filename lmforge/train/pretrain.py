@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.atomic import atomic_write
 from lmforge.config import ModelConfig
 from lmforge.data import batches as B
 from lmforge.data.corpus import TokenArray, build_token_file, read_texts, source_files
@@ -147,7 +148,8 @@ def run_pretraining(recipe: Recipe) -> dict:
     if d.main:
         save_model(model.to("cpu").eval(), model_dir)
         tok.save(model_dir)
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        text = json.dumps(summary, indent=2, default=_json_default)
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     distributed.barrier()
     return summary
 
@@ -164,8 +166,6 @@ def _prepare(recipe: Recipe, rank: distributed.Dist):
         raise ValueError(f"objective {name!r} trains a {family} model with task {task!r}; the recipe's model is "
                          f"family={base.family!r} task={base.task!r}")
     _check_lengths(base, d.block_size)
-    if rank.main:
-        _save_yaml(recipe.to_dict(), out / "recipe.yaml")
 
     # 1. text and tokenizer
     if name == "translation":
@@ -185,8 +185,6 @@ def _prepare(recipe: Recipe, rank: distributed.Dist):
         for _ in texts():  # read once first: an empty, binary or non-UTF-8 corpus fails with its own message
             pass
         tok = _train_tokenizer(recipe, tok_family, texts())
-    if rank.main:
-        tok.save(tok_dir)
 
     # 2. model config from the preset, the tokenizer's vocabulary and special ids, and the recipe's fields
     cfg = recipe.model_config(vocab_size=tok.vocab_size, **_special_ids(tok, tok_family))
@@ -213,6 +211,9 @@ def _prepare(recipe: Recipe, rank: distributed.Dist):
         else:
             train_data, valid_data = tokens.split(d.val_fraction, by="token")
     stream, valid_batches, objective = _streams(recipe, tok, cfg, train_data, valid_data)
+    if rank.main:  # only now that the data and settings are checked: a failed start leaves out_dir as it was
+        tok.save(tok_dir)
+        atomic_write(out / "recipe.yaml", lambda tmp: _save_yaml(recipe.to_dict(), Path(tmp)))
     return tok, cfg, train_data, valid_data, stream, valid_batches, objective
 
 
