@@ -1,7 +1,9 @@
 """The server: an OpenAI-style HTTP API (`app`) in front of one engine thread (`engine`).
 
     app.py      the FastAPI app and `serve` (uvicorn)
-    engine.py   Engine: the queue, the engine thread, requests and their events
+    engine.py   Engine: the queue and the engine thread (continuous batching; embeddings joined)
+    batch.py    the running batch: a KV slot per sequence, per-request token choice, one step for all
+    request.py  Request and Event: what a caller reads, sync or async
     static/     the web playground served at /
 
 `create_app` and `serve` are imported on first use (FastAPI loads only then).
