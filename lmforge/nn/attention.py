@@ -84,6 +84,97 @@ class KVCache:
                           for c in self.cross]
 
 
+class SlotCache:
+    """Keys/values of the sequences a server decodes together: one slot (batch row) each, every
+    slot at its own length (continuous batching, `lmforge.serve.batch`).
+
+    `buf` (n_layers, 2, slots, KV, length, hd) grows on demand (`reserve`). Attention reaches
+    it through the same `update(layer, k, v)` as a `KVCache`, in one of two modes set before
+    each forward pass:
+
+        prefill(slot)       the next pass runs one prompt from position 0 into `slot`
+        step(positions)     the next pass feeds one token to each of slots 0..n-1, row i
+                            written at positions[i]; keys up to max(positions) come back,
+                            and the caller masks each row's keys beyond its own position
+
+    In step mode `pos` is max(positions), the offset the stack's causal mask starts from.
+    The running sequences keep slots 0..n-1 (`move` packs a slot into a freed one), so the
+    keys of a step are a view of `buf`, never a gathered copy.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 blocks: RowBlocks | None = None):
+        # zeros, not empty: keys beyond a row's length are masked, and must be finite to stay out
+        self.buf = torch.zeros(n_layers, 2, 0, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.kv = list(self.buf)
+        self.max_len = max_len  # the model's context: no slot grows beyond it
+        self.blocks = blocks
+        self.cross: list = [None] * n_layers  # (decoder-only: never used)
+        self.rel_bias: torch.Tensor | None = None
+        self.pos = 0
+        self._rows = slice(0, 0)
+        self._at: torch.Tensor | None = None  # step mode: where each row's k/v go; None in prefill mode
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, dtype=torch.float32, device="cpu", blocks: RowBlocks | None = None):
+        return cls(cfg.n_decoder_layers, cfg.n_kv_heads, cfg.head_dim, cfg.max_len, dtype, device, blocks)
+
+    @property
+    def slots(self) -> int:
+        return self.buf.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.buf.shape[4]
+
+    def reserve(self, slots: int, length: int) -> None:
+        """Make room for `slots` slots of `length` positions (each size at least doubles when it
+        grows, up to max_len for the length); what is cached stays."""
+        if length > self.max_len:
+            raise ValueError(f"a slot of {length} positions exceeds the model's context of {self.max_len}")
+        if slots <= self.slots and length <= self.length:
+            return
+        new_slots = max(slots, min(2 * self.slots, slots + 8))
+        new_len = min(self.max_len, max(length, 2 * self.length, 64))
+        L, _, S, KV, T, hd = self.buf.shape
+        buf = torch.zeros(L, 2, new_slots, KV, new_len, hd, dtype=self.buf.dtype, device=self.buf.device)
+        buf[:, :, :S, :, :T] = self.buf
+        self.buf, self.kv = buf, list(buf)
+
+    def prefill(self, slot: int) -> None:
+        """The next forward pass writes one sequence from position 0 into `slot`."""
+        self._rows, self._at, self.pos = slice(slot, slot + 1), None, 0
+
+    def step(self, positions: torch.Tensor, top: int) -> None:
+        """The next forward pass writes one token per slot 0..n-1 at positions (n,); top is
+        max(positions), known to the caller (no device sync here)."""
+        n, KV, T = positions.shape[0], self.buf.shape[3], self.length
+        heads = torch.arange(n * KV, device=positions.device).view(n, KV)  # row r, head h: r*KV + h
+        # where row r, head h writes in a layer's keys seen as (slots*KV*T, hd): one index_copy_
+        self._at = (heads * T + positions[:, None]).flatten()
+        self._rows, self.pos = slice(0, n), top
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst (packing the slots)."""
+        self.buf[:, :, dst, :, :length] = self.buf[:, :, src, :, :length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (n, KV, T, hd) of `layer` (see the modes); return its keys and values
+        (n, KV, pos+T, hd)."""
+        kv, rows = self.kv[layer], self._rows
+        if self._at is None:
+            end = self.pos + k.shape[-2]
+            kv[0, rows, :, self.pos:end] = k
+            kv[1, rows, :, self.pos:end] = v
+        else:  # one token per row, each at its own position
+            end = self.pos + 1
+            hd = k.shape[-1]
+            kv[0].view(-1, hd).index_copy_(0, self._at, k.reshape(-1, hd))
+            kv[1].view(-1, hd).index_copy_(0, self._at, v.reshape(-1, hd))
+        return kv[0, rows, :, :end], kv[1, rows, :, :end]
+
+
 class QKV(nn.Module):
     """The query, key and value projections `q`, `k`, `v` (their state-dict names), computed
     as one stacked product [W_q; W_k; W_v] when a generation's RowBlocks hold them."""

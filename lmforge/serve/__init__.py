@@ -5,7 +5,9 @@
     runner.py         how a request runs on the engine and streams (server-sent events)
     errors.py         OpenAI's error shape; the API key and body-size checks (Guard)
     metrics.py        Prometheus text for /metrics
-    engine.py         Engine: the queue, the engine thread, requests and their events
+    engine.py         Engine: the queue and the engine thread (continuous batching; embeddings joined)
+    batch.py          the running batch: a KV slot per sequence, per-request token choice, one step for all
+    request.py        Request and Event: what a caller reads, sync or async
     static/     the web playground served at /
 
 `create_app` and `serve` are imported on first use (FastAPI loads only then).

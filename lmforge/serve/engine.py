@@ -4,36 +4,50 @@
     req = engine.submit(prompt_ids, GenerationConfig(max_new_tokens=32), logprobs=2)
     for event in req:                 # or `async for event in req.stream()` on an event loop
         print(event.text, end="")     # the last event carries finish_reason "stop" or "length"
+    vectors = engine.embed(["a text", "another"]).result()   # (2, d), batched with other callers'
     engine.close()
 
-Requests wait in a bounded queue (`QueueFull` when it is full) and run on the engine thread;
-their events (token id, text piece, log-probabilities, finish reason) come back through the
-`Request`, which a sync or async consumer reads and may `cancel()` at any time.
-Work that is not a token stream (embeddings, beam search, encoder-decoder generation) runs
-whole on the same thread through `call`, so the model is never used by two threads at once.
+Requests wait in a bounded queue (`QueueFull` when it is full) and are decoded with
+continuous batching (`lmforge.serve.batch`): at every step the engine thread takes the
+waiting requests into the running batch while it has free slots (`Limits.max_batch`),
+prefills their prompts, and runs one decoding step for every running sequence together.
+Each request keeps its own options (greedy or sampling, filters, seed, stop strings,
+max_new_tokens): its tokens are those `generate` gives it alone. A sequence that ends
+(EOS or stop string: "stop"; max_new_tokens: "length"; `Request.cancel` or
+`close(cancel=True)`: "cancelled") frees its slot for the next waiting request at once.
+Its events (token id, text piece, log-probabilities, finish reason) come back through the
+`Request` (lmforge.serve.request), read sync or async.
 
-This version runs one request at a time: the `Engine` interface is the one the batched
-scheduler keeps.
+Work that is not a token stream runs whole on the same thread between two steps, so the
+model is never used by two threads at once: `call(fn)` (beam search, encoder-decoders) and
+`embed(texts)`, which joins every embedding request waiting at that moment into one
+`lmforge.embed.embed` call. Requests enter the batch first in, first out; calls and
+embeddings do not wait behind a request that waits for a free slot.
+
+For /metrics: `stats` counts requests, prompt_tokens, completion_tokens, steps (decoding
+steps) and batch_tokens (the sum of the batch sizes of those steps); `running` is the
+number of sequences in the batch now and `queue_depth` the number of items waiting. Each
+`Request` has `submitted`, `first_token_at` and `finished_at` (time.perf_counter()).
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.generate.config import GenerationConfig
-from lmforge.generate.filters import min_new_tokens_filter, sample_next
-from lmforge.generate.sampling import is_penalised, penalties
-from lmforge.generate.state import DecoderState, eos_list, prepare
-from lmforge.generate.stream import Detokenizer
+from lmforge.generate.state import eos_list, prepare
+from lmforge.serve.batch import Batch
+from lmforge.serve.request import Event, Request
+
+__all__ = ["Engine", "Limits", "Request", "Event", "QueueFull", "EngineClosed"]
 
 
 class QueueFull(Exception):
@@ -60,110 +74,6 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be an int >= 1, got {v!r}")
 
 
-@dataclass
-class Event:
-    """One step of a request: a new token and the text it completes, or the end."""
-
-    token: int | None = None  # None on an end event that carries no token
-    text: str = ""  # the new text (may be "" while a character or a stop string is held back)
-    logprob: float | None = None  # log p(token) under the model (raw logits), when asked
-    top_logprobs: list[tuple[int, float]] | None = None  # the k most likely (token, log p), when asked
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last event
-
-
-@dataclass
-class Request:
-    """A submitted generation: read its events (iterate, or `stream()` on an event loop)."""
-
-    id: int
-    prompt_ids: list[int]
-    config: GenerationConfig
-    logprobs: int | None = None  # top log-probs per token (0: just the chosen token's)
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    _events: collections.deque = field(default_factory=collections.deque, repr=False)
-    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-    _waiters: list = field(default_factory=list, repr=False)  # (loop, asyncio.Event)
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; the engine frees the request's slot at its next step."""
-        self._cancel.set()
-
-    # ---- the engine's side
-    def _push(self, event: Event) -> None:
-        if event.token is not None:
-            self.completion_tokens += 1
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-        if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-        with self._cond:
-            self._events.append(event)
-            self._cond.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
-            try:
-                loop.call_soon_threadsafe(flag.set)
-            except RuntimeError:  # the consumer's loop has closed
-                pass
-
-    # ---- the consumer's side
-    def __iter__(self) -> Iterator[Event]:
-        """Events until the last one (blocking)."""
-        while True:
-            with self._cond:
-                while not self._events:
-                    self._cond.wait()
-                event = self._events.popleft()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    async def stream(self) -> AsyncIterator[Event]:
-        """Events until the last one, awaited on the running event loop. Leaving the loop
-        early (a client that went away) cancels the request."""
-        flag = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), flag)
-        with self._cond:
-            self._waiters.append(waiter)
-        try:
-            while True:
-                flag.clear()
-                with self._cond:
-                    event = self._events.popleft() if self._events else None
-                if event is None:
-                    await flag.wait()
-                    continue
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            with self._cond:
-                self._waiters.remove(waiter)
-            if not self.done:
-                self.cancel()
-
-    def result(self) -> tuple[str, list[Event]]:
-        """Wait for the end: (the whole text, every event)."""
-        events = list(self)
-        return "".join(e.text for e in events), events
-
-
 class Engine:
     """Runs requests on one engine thread; see the module docstring."""
 
@@ -173,11 +83,12 @@ class Engine:
         self.model, self.tokenizer, self.limits = model.eval(), tokenizer, limits or Limits()
         self.eos = eos_list(model, None)
         self._ids = itertools.count(1)
-        self._queue: collections.deque = collections.deque()  # Request or (fn, Future)
+        self._queue: collections.deque = collections.deque()  # Request, _Embed or (fn, Future)
         self._wake = threading.Condition()
         self._closing = self._cancel_all = False
-        self.stats = collections.Counter()  # requests, prompt_tokens, completion_tokens, steps, ...
-        self.running = 0  # sequences in the running batch (for /metrics)
+        self.stats = collections.Counter()  # requests, prompt_tokens, completion_tokens, steps, batch_tokens
+        self.last_error: str | None = None
+        self._batch = Batch(self.model, tokenizer, self.eos, self.limits.max_batch, self.stats)
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 
@@ -200,8 +111,9 @@ class Engine:
         if lim.max_new_tokens is not None and config.max_new_tokens > lim.max_new_tokens:
             raise ValueError(f"max_tokens={config.max_new_tokens} is over this server's limit of "
                              f"{lim.max_new_tokens}")
-        prepare(self.model, [list(prompt_ids)], None, config.replace(stop=()))  # the same checks as generate
-        req = Request(next(self._ids), list(prompt_ids), config, logprobs)
+        prepared = prepare(self.model, [list(prompt_ids)], None, config,  # the same checks as generate
+                           tokenizer=self.tokenizer)
+        req = Request(next(self._ids), list(prompt_ids), config, logprobs, _prepared=prepared)
         self._enqueue(req)
         return req
 
@@ -210,6 +122,16 @@ class Engine:
         generation); its result or exception arrives in the Future. Queued like a request."""
         future: Future = Future()
         self._enqueue((fn, future))
+        return future
+
+    def embed(self, texts: list[str], normalize: bool = True) -> Future:
+        """Embed `texts` on the engine thread, as `lmforge.embed.embed` (mean, [CLS] or last-token
+        pooling as the model says); the Future gets a (len(texts), d) float32 tensor. Every
+        embedding request waiting when this one's turn comes runs in the same call."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of texts, not a single string")
+        future: Future = Future()
+        self._enqueue(_Embed(list(texts), normalize, future))
         return future
 
     def _enqueue(self, item) -> None:
@@ -223,39 +145,83 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Requests and calls waiting (not yet in the running batch)."""
         return len(self._queue)
 
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch now."""
+        return len(self._batch)
+
     def close(self, cancel: bool = True, timeout: float | None = 30.0) -> None:
-        """Stop taking requests; cancel (or finish) the ones queued and running; join the thread."""
+        """Stop taking requests; cancel (or with cancel=False finish) the ones queued and running;
+        join the thread."""
         with self._wake:
             self._closing = True
             self._cancel_all = cancel
             self._wake.notify()
         self._thread.join(timeout)
 
+
     # ---- the engine thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        batch = self._batch
         while True:
             with self._wake:
-                while not self._queue and not self._closing:
+                while not self._queue and not batch and not self._closing:
                     self._wake.wait()
-                if not self._queue:
-                    return
-                item = self._queue.popleft()
                 if self._closing and self._cancel_all:
+                    abandoned, self._queue = list(self._queue), collections.deque()
+                else:
+                    abandoned = None
+                    if not self._queue and not batch:
+                        return
+                    waiting = len(self._queue)  # what a call queues now waits for the next step
+            if abandoned is not None:
+                for item in abandoned:
                     _abandon(item)
-                    continue
+                self._guard(lambda: batch.advance(cancel_all=True))
+                return
+            with torch.inference_mode():
+                self._take(waiting)
+                if batch:
+                    self._guard(batch.advance)
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        """Run a step of the batch; a bug must not kill the engine thread: it ends the
+        running requests with finish reason "error"."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001
+            self._batch.fail("error")
+            self.stats["errors"] += 1
+            self.last_error = repr(e)
+
+    def _take(self, n: int) -> None:
+        """Handle the first n queued items in order: admit requests while the batch has free
+        slots (the first that finds none waits, and every request behind it), run calls, and
+        run every embedding request waiting now as one."""
+        with self._wake:
+            items, free, held, now = list(self._queue), self._batch.free, False, []
+            for item in items[:n]:
+                if isinstance(item, Request) and not item.cancelled:
+                    held = held or free == 0
+                    if held:
+                        continue
+                    free -= 1
+                now.append(item)
+            embeds = [x for x in items if isinstance(x, _Embed)]
+            now += [x for x in items[n:] if isinstance(x, _Embed)]
+            taken = set(map(id, now))
+            self._queue = collections.deque(x for x in items if id(x) not in taken)
+        for item in now:
             if isinstance(item, Request):
-                self.running = 1
-                try:
-                    self._run(item)
-                except Exception as e:  # a bug must not kill the engine thread: end the request
-                    item._push(Event(finish_reason="error", text=""))
-                    self.stats["errors"] += 1
-                    self.last_error = repr(e)
-                finally:
-                    self.running = 0
+                self._admit(item)
+            elif isinstance(item, _Embed):
+                if embeds:
+                    self._embed(embeds)
+                    embeds = []
             else:
                 fn, future = item
                 if future.set_running_or_notify_cancel():
@@ -264,53 +230,57 @@ class Engine:
                     except BaseException as e:  # noqa: BLE001  (handed to the caller)
                         future.set_exception(e)
 
-    @torch.inference_mode()
-    def _run(self, req: Request) -> None:
-        model, config = self.model, req.config
+    def _admit(self, req: Request) -> None:
+        if req.cancelled:
+            req._push(Event(finish_reason="cancelled"))
+            return
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += req.prompt_tokens
-        p = prepare(model, [req.prompt_ids], None, config.replace(stop=()))
-        params, do_sample = config.sampling, config.strategy == "sample"
-        state, logits = DecoderState.prefill(model, p.ids, p.mask, config.max_new_tokens)
-        detok = Detokenizer(self.tokenizer, config.stop)
-        hist = p.ids.clone()
-        for t in range(config.max_new_tokens):
-            if req.cancelled or (self._closing and self._cancel_all):
-                req._push(Event(finish_reason="cancelled"))
-                return
-            if self.eos and t < config.min_new_tokens:
-                logits = min_new_tokens_filter(logits, self.eos, t, config.min_new_tokens)
-            if do_sample:
-                token = sample_next(params.process(logits, hist), p.generator)
-            else:
-                token = (penalties(logits, hist, params) if is_penalised(params) else logits).argmax(-1)
-            tok = int(token[0])
-            hist = torch.cat([hist, token.view(1, 1)], 1)
-            event = Event(token=tok)
-            if req.logprobs is not None:
-                logp = logits[0].log_softmax(-1)
-                event.logprob = float(logp[tok])
-                if req.logprobs:
-                    top = logp.topk(req.logprobs)
-                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            self.stats["completion_tokens"] += 1
-            if tok in self.eos:
-                event.text, event.finish_reason = detok.flush(), "stop"
-            else:
-                event.text = detok.push(tok)
-                if detok.stopped:
-                    event.finish_reason = "stop"
-                elif t + 1 == config.max_new_tokens:
-                    event.text += detok.flush()
-                    event.finish_reason = "length"
-            req._push(event)
-            if event.finish_reason is not None:
-                return
-            logits = state.step(token)
+        try:
+            self._batch.admit(req, req._prepared)
+        except Exception as e:  # noqa: BLE001  (the prefill failed: this request only)
+            req._push(Event(finish_reason="error"))
+            self.stats["errors"] += 1
+            self.last_error = repr(e)
+
+    def _embed(self, items: list[_Embed]) -> None:
+        """One `embed` call for every item with texts; each caller gets its rows. If that call
+        fails (one caller's bad text), each item runs alone and gets its own result or error."""
+        from lmforge.embed import embed
+        items = [it for it in items if it.future.set_running_or_notify_cancel()]
+        joined = [it for it in items if it.texts]
+        vectors = None
+        if len(joined) > 1:
+            try:
+                vectors = embed(self.model, self.tokenizer, [t for it in joined for t in it.texts], normalize=False)
+            except Exception:  # noqa: BLE001  (run them one by one below)
+                vectors = None
+        if vectors is not None:
+            start = 0
+            for it in joined:
+                rows = vectors[start:start + len(it.texts)]
+                start += len(it.texts)
+                it.future.set_result(F.normalize(rows, dim=-1) if it.normalize else rows)
+            items = [it for it in items if not it.texts]
+        for it in items:
+            try:
+                it.future.set_result(embed(self.model, self.tokenizer, it.texts, normalize=it.normalize))
+            except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                it.future.set_exception(e)
+
+
+@dataclass
+class _Embed:
+    """An embedding request waiting in the queue."""
+
+    texts: list[str]
+    normalize: bool
+    future: Future
 
 
 def _abandon(item) -> None:
     if isinstance(item, Request):
         item._push(Event(finish_reason="cancelled"))
     else:
-        item[1].set_exception(EngineClosed("the server is shutting down"))
+        (item.future if isinstance(item, _Embed) else item[1]).set_exception(
+            EngineClosed("the server is shutting down"))
