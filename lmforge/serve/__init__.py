@@ -8,7 +8,7 @@
     engine.py         Engine: the queue and the engine thread (continuous batching; embeddings joined)
     batch.py          the running batch: a KV slot per sequence, per-request token choice, one step for all
     request.py        Request and Event: what a caller reads, sync or async
-    static/     the web playground served at /
+    static/           the web playground served at /
 
 `create_app` and `serve` are imported on first use (FastAPI loads only then).
 """
