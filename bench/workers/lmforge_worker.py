@@ -41,7 +41,7 @@ def weight_bytes_per_step(model) -> int:
         w = model.backbone.tokens.weight if head.weight is None else head.weight
         total += w.numel() * w.element_size()
     elif head is not None:  # quantised head: its own int8 (or int4) copy and scales
-        total += sum(t.numel() * t.element_size() for t in [*head.parameters(False), *head.buffers(False)])
+        total += sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
     return total
 
 

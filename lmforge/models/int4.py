@@ -85,7 +85,7 @@ class Int4Linear(nn.Module):
         packed, scales_zeros = _pack(q, scale, zero, group_size)
         self.register_buffer("packed", packed, persistent=False)  # CPU-dependent layout: never saved
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
