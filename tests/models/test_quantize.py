@@ -12,7 +12,6 @@ from lmforge.generate import generate
 from lmforge.models.heads import Model
 from lmforge.interop.load import save
 from lmforge.models.int4 import Int4Linear, dequantize_groups, quantize_groups
-from lmforge.models.io import save_model
 from lmforge.models.quantize import (Int8Linear, Int8LMHead, int8_linear, is_quantized, quantize, quantize_int8,
                                      quantize_kind, quantize_weight)
 
