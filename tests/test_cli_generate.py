@@ -59,3 +59,19 @@ def test_chat_works_with_its_defaults_on_a_small_context(tiny_text_model, monkey
 def test_bad_options_are_named(tiny_text_model, capsys, bad, field):
     assert main(["generate", str(tiny_text_model), "--prompt", "x", *bad]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_quantize_flag_and_its_int8_alias(tiny_text_model, capsys):
+    for command in ("generate", "chat", "serve"):
+        extra = ["--prompt", "x"] if command == "generate" else []
+        for flags, kind in (([], None), (["--int8"], "int8"), (["--quantize", "int8"], "int8"),
+                            (["--quantize", "int4"], "int4"), (["--int8", "--quantize", "int8"], "int8")):
+            a = build_parser().parse_args([command, "m", *extra, *flags])
+            assert (a.quantize, a.int8) == (kind, kind == "int8"), (command, flags)
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "m", *extra, "--int8", "--quantize", "int4"])
+        assert "--quantize int4 contradicts the earlier int8" in capsys.readouterr().err
+    for kind in ("int4", "int8"):
+        assert main(["generate", str(tiny_text_model), "--prompt", "the quick", "--max-new-tokens", "4",
+                     "--quantize", kind]) == 0
+        assert capsys.readouterr().out.strip()

@@ -34,31 +34,29 @@ def weight_bytes_per_step(model) -> int:
     for name, m in model.named_modules():
         if ".encoder." in f".{name}." or name.endswith(("cross.k", "cross.v")) or name == "lm_head":
             continue
-        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Int8Linear":
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Int8Linear", "Int4Linear"):
             total += sum(t.numel() * t.element_size() for t in [*m.parameters(False), *m.buffers(False)])
     head = getattr(model, "lm_head", None)
     if isinstance(head, LMHead):
         w = model.backbone.tokens.weight if head.weight is None else head.weight
         total += w.numel() * w.element_size()
-    elif head is not None:  # int8 head: its own int8 copy and scales
-        total += sum(t.numel() * t.element_size() for t in [*head.parameters(False), *head.buffers(False)])
+    elif head is not None:  # quantised head: its own int8 (or int4) copy and scales
+        total += sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
     return total
 
 
-def _int8(model):
-    from lmforge.models.quantize import quantize_int8
-    return quantize_int8(model)
-
-
-def _load(path: str, int8: bool = False):
+def _load(path: str, int8: bool = False, quantize: str | None = None):
     """A model from an HF directory or a GGUF file (cached: one per path and precision)."""
-    key = (path, int8)
+    from lmforge.models.quantize import quantize as quantize_model
+    from lmforge.models.quantize import quantize_kind
+    kind = quantize_kind(quantize, int8)
+    key = (path, kind)
     if key not in _models:
         if path.endswith(".gguf"):
-            _models[key] = lmforge.load(path, int8=int8)
+            _models[key] = lmforge.load(path, quantize=kind)
         else:
             model = load_hf(path).eval()
-            _models[key] = (_int8(model) if int8 else model), None
+            _models[key] = (quantize_model(model, kind) if kind else model), None
     return _models[key]
 
 
@@ -110,9 +108,9 @@ def chat_prompt(gguf: str, text: str, repeat: int = 1):
                            "matmul_params": matmul_params}
 
 
-def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False):
+def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quantize: str | None = None):
     """Batch-1 greedy decoding of exactly new_tokens (new_tokens=1: prompt processing)."""
-    model, _ = _load(gguf, int8)
+    model, _ = _load(gguf, int8, quantize)
     ids = torch.tensor([prompt])
 
     def run():

@@ -3,7 +3,9 @@
 `read_gguf` returns what the HF importer consumes: a `LlamaConfig`-style dict, a float32
 state dict with `LlamaForCausalLM` key names, and a `tokenizers.Tokenizer` rebuilt from the
 file's metadata. Parsing and dequantisation are left to the `gguf` package (llama.cpp's own);
-this module only renames, reshapes and undoes llama.cpp's Q/K permutation.
+this module only renames, reshapes and undoes llama.cpp's Q/K permutation. On request it also
+reads the 4-bit blocks (Q4_0, Q4_1, Q4_K) as the int4 groups of `lmforge.models.int4`, as
+they are (`int4_groups`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import Q4_K, dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -40,6 +42,7 @@ BLOCK_KEYS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+INT4_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q4_K"))
 REQUIRED_BLOCK_WEIGHTS = tuple(f"{name}.weight" for name in BLOCK_KEYS)
 
 # Split regexes for `tokenizer.ggml.pre`, as transformers' GGUF converter uses them. Any other
@@ -83,10 +86,14 @@ class GGUFModel:
     chat_template: str | None = None
     add_bos_token: bool = False
     add_eos_token: bool = False
+    # HF key -> int4 groups of 32 (q uint8 (out, in), scale, zero (out, in/32) float32) of the
+    # weights stored as Q4_0/Q4_1/Q4_K; filled by read_gguf(..., int4=True)
+    int4: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFModel:
-    """Read a llama GGUF file: config, dequantised float32 weights (HF keys) and tokenizer."""
+def read_gguf(path: str | os.PathLike, int4: bool = False) -> GGUFModel:
+    """Read a llama GGUF file: config, dequantised float32 weights (HF keys) and tokenizer;
+    int4=True: also the int4 groups of its 4-bit weights (`GGUFModel.int4`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -110,6 +117,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(
         config=config,
         state_dict=state_dict,
+        int4=_int4(tensors, config) if int4 else {},
         tokenizer=tokenizer,
         special_tokens=special,
         chat_template=meta.get("tokenizer.chat_template"),
@@ -195,12 +203,59 @@ def _state_dict(path: str, tensors: dict, config: dict) -> dict[str, torch.Tenso
             raise ValueError(f"{path}: cannot dequantise tensor {name!r} of type {t.tensor_type.name}") from e
         # GGUF lists dims fastest-first (ne0 = columns); torch wants (rows, columns).
         w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        if ".attn_q." in name:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif ".attn_k." in name:
-            w = _unpermute(w, config["num_key_value_heads"])
-        state_dict[_hf_key(name)] = torch.from_numpy(np.ascontiguousarray(w))
+        state_dict[_hf_key(name)] = torch.from_numpy(np.ascontiguousarray(_rows_in_hf_order(name, w, config)))
     return state_dict
+
+
+def _rows_in_hf_order(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    if ".attn_q." in name:
+        return _unpermute(w, config["num_attention_heads"])
+    if ".attn_k." in name:
+        return _unpermute(w, config["num_key_value_heads"])
+    return w
+
+
+def int4_groups(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The raw blocks (rows, bytes per row) of a Q4_0, Q4_1 or Q4_K tensor → codes q (rows, in)
+    uint8 in 0..15 and per group of 32 a scale s and a zero z (rows, in/32) float32, with
+    w = (q - 8) s + z exactly as llama.cpp dequantises (up to float32 rounding of z):
+
+        Q4_0  w = d (q - 8)                     s = d,     z = 0
+        Q4_1  w = d q + m                       s = d,     z = m + 8 d
+        Q4_K  w = d sc_j q - dmin m_j  (256 = 8 groups j of 32, 6-bit sc_j, m_j)
+                                                s = d sc_j,  z = 8 d sc_j - dmin m_j
+    """
+    rows = data.shape[0]
+    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])  # (n, bytes per block)
+
+    def half(a, b):
+        return np.ascontiguousarray(blocks[:, a:b]).view(np.float16).astype(np.float32)  # (n, 1)
+    if qtype == GGMLQuantizationType.Q4_0:
+        scale, qs = half(0, 2), blocks[:, 2:]
+        zero = np.zeros_like(scale)
+    elif qtype == GGMLQuantizationType.Q4_1:
+        scale, qs = half(0, 2), blocks[:, 4:]
+        zero = half(2, 4) + 8 * scale
+    elif qtype == GGMLQuantizationType.Q4_K:
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:4 + Q4_K.K_SCALE_SIZE])  # (n, 8) each
+        scale = half(0, 2) * sc.astype(np.float32)
+        zero = 8 * scale - half(2, 4) * mn.astype(np.float32)
+        qs = blocks[:, 4 + Q4_K.K_SCALE_SIZE:].reshape(-1, 32)  # 4 chunks of 32 bytes: groups 2i, 2i+1
+    else:
+        raise ValueError(f"int4_groups: {qtype.name} is not a 4-bit type ({', '.join(t.name for t in INT4_TYPES)})")
+    # 32 bytes hold a group pair (Q4_K) and 16 bytes one group (Q4_0/1): low nibbles first, then high
+    half_group = qs.shape[1]
+    q = np.stack([qs & 0x0F, qs >> 4], axis=1).reshape(-1, 2 * half_group)
+    return q.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def _int4(tensors: dict, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    out = {}
+    for name, t in tensors.items():
+        if t.tensor_type in INT4_TYPES:
+            out[_hf_key(name)] = tuple(torch.from_numpy(np.ascontiguousarray(_rows_in_hf_order(name, a, config)))
+                                       for a in int4_groups(t.data, t.tensor_type))
+    return out
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -73,6 +73,14 @@ def convert_from_hf(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor], source: st
     return ours
 
 
+def hf_names(cfg: ModelConfig, hf_keys) -> dict[str, str]:
+    """Our state-dict key → the HF key it is read from, for those of `hf_keys` the key map
+    knows (names as stored, before GPT-2's Conv1D transposes)."""
+    keys = set(hf_keys)
+    kmap = key_map(cfg, _prefix(cfg, keys))
+    return {k: found[0] for k, cands in kmap.items() if (found := [c for c in cands if c in keys])}
+
+
 def load_hf(directory: str | Path, task: str | None = None, dtype: torch.dtype = torch.float32,
             **overrides) -> Model:
     """Load a HF model directory into an lmforge Model.
@@ -113,6 +121,10 @@ def model_from_hf(hf_cfg: dict, sd_hf: dict[str, torch.Tensor], source: str, tas
 
 def save_hf(model: Model, directory: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` in Hugging Face layout."""
+    from lmforge.models.quantize import is_quantized
+    if kind := is_quantized(model):
+        raise ValueError(f"not saving to {directory}: the model is {kind}-quantised for inference; "
+                         "save the float model (load it again without quantize)")
     cfg, directory = model.cfg, Path(directory)
     hf_cfg = to_hf_config(cfg)
     prefix = BASE_PREFIX[cfg.hf_arch]

