@@ -49,8 +49,8 @@ def default_model_name(model_dir) -> str:
 
 
 def create_app(model_dir, *, model_name: str | None = None, api_key: str | None = None,
-               limits: Limits | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, quantize: str | None = None,
-               int8: bool = False, shutdown_timeout: float = 30.0):
+               limits: Limits | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               quantize: str | None = None, int8: bool = False, shutdown_timeout: float = 30.0):
     """A FastAPI app serving the model at `model_dir` (see the module docstring).
 
     model_name: what /v1/models calls it and requests must name, if they name one (default:
