@@ -162,7 +162,6 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout)
 
-
     # ---- the engine thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -183,9 +182,9 @@ class Engine:
                     _abandon(item)
                 self._guard(lambda: batch.advance(cancel_all=True))
                 return
-            with torch.inference_mode():
-                self._take(waiting)
-                if batch:
+            self._take(waiting)
+            if batch:
+                with torch.inference_mode():
                     self._guard(batch.advance)
 
     def _guard(self, step: Callable[[], None]) -> None:
@@ -231,7 +230,8 @@ class Engine:
                     except BaseException as e:  # noqa: BLE001  (handed to the caller)
                         future.set_exception(e)
         if admit:
-            self._admit(admit)
+            with torch.inference_mode():
+                self._admit(admit)
 
     def _admit(self, reqs: list[Request]) -> None:
         for req in reqs:
