@@ -92,7 +92,8 @@ class SlotCache:
     it through the same `update(layer, k, v)` as a `KVCache`, in one of two modes set before
     each forward pass:
 
-        prefill(slot)       the next pass runs one prompt from position 0 into `slot`
+        prefill(slot, n)    the next pass runs n prompts (right-padded) from position 0 into
+                            slots slot..slot+n-1
         step(positions)     the next pass feeds one token to each of slots 0..n-1, row i
                             written at positions[i]; keys up to max(positions) come back,
                             and the caller masks each row's keys beyond its own position
@@ -142,9 +143,9 @@ class SlotCache:
         buf[:, :, :S, :, :T] = self.buf
         self.buf, self.kv = buf, list(buf)
 
-    def prefill(self, slot: int) -> None:
-        """The next forward pass writes one sequence from position 0 into `slot`."""
-        self._rows, self._at, self.pos = slice(slot, slot + 1), None, 0
+    def prefill(self, slot: int, n: int = 1) -> None:
+        """The next forward pass writes n sequences from position 0 into slots slot..slot+n-1."""
+        self._rows, self._at, self.pos = slice(slot, slot + n), None, 0
 
     def step(self, positions: torch.Tensor, top: int) -> None:
         """The next forward pass writes one token per slot 0..n-1 at positions (n,); top is

@@ -1,17 +1,18 @@
 """The running batch of the serving engine: continuous (iteration-level) batching.
 
 Every running sequence owns a slot of one `SlotCache`, at its own length. At each step the
-engine first `admit`s waiting requests (each prompt is prefilled alone into a free slot, as
-`generate` runs it, and gives its first next-token logits), then `advance` chooses the next
+engine first `admit`s waiting requests (their prompts are prefilled into free slots, together
+when their lengths are close, giving their first next-token logits), then `advance` chooses the next
 token of every running sequence with that request's own options, sends the events, frees
 the slots of the sequences that ended (the last slots move into the holes, so the running
-ones stay 0..n-1) and runs one decoding step for all the others together: token i at
-position i of its own row, each row's keys masked beyond its own length.
+ones stay 0..n-1) and runs one decoding step for all the others together: each row's token
+at that row's own position, each row's keys masked beyond its own length.
 
 Token choice per row reuses generation's filters: one argmax for every row (greedy rows take
 it), then per row the ones that need more (penalties, sampling with the request's own
-generator), so a greedy answer equals `generate` alone and a seeded sample draws what
-`generate(strategy="sample", seed=s)` draws, whatever else runs in the batch.
+generator), so a greedy answer has the tokens of `generate` alone and a seeded sample draws
+what `generate(strategy="sample", seed=s)` draws, whatever else runs in the batch (batched
+products change the logits in the last bits only).
 """
 
 from __future__ import annotations
@@ -74,25 +75,44 @@ class Batch:
         return self.max_batch - len(self.seqs)
 
     # ---- admission
-    def admit(self, req, p: Prepared) -> None:
-        """Prefill req's prompt into the next free slot; its first token comes at `advance`."""
-        config, cache = p.config, self.cache
+    def admit(self, reqs: list) -> None:
+        """Prefill the prompts of reqs, (Request, Prepared) pairs, into the next free slots; their
+        first tokens come at `advance`. Prompts of similar lengths run as one right-padded
+        block (causal attention: no real token sees the padding after it)."""
         if not self.seqs:  # a new busy period: weights may have changed since the last one
-            cache.blocks, cache.rel_bias = RowBlocks(), None
-        slot, P = len(self.seqs), p.ids.shape[1]
-        cache.reserve(slot + 1, P + config.max_new_tokens)
-        cache.prefill(slot)
-        hidden = self.model.backbone.decode(p.ids, cache=cache)  # (1, P, d)
-        logits = self.model.logits(hidden[:, -1:])[:, 0].float()  # (1, V)
-        params = config.sampling
-        penalised = is_penalised(params)
-        hist = None
-        if penalised:
-            hist = torch.zeros(1, P + config.max_new_tokens, dtype=torch.long, device=p.ids.device)
-            hist[:, :P] = p.ids
-        self.seqs.append(Seq(req, p.ids, config.max_new_tokens, config.min_new_tokens, params,
-                             config.strategy == "sample", penalised, p.generator,
-                             Detokenizer(self.tokenizer, config.stop), hist, pos=P))
+            self.cache.blocks, self.cache.rel_bias = RowBlocks(), None
+        group: list = []
+        for req, p in sorted(reqs, key=lambda r: r[1].ids.shape[1]):
+            P = p.ids.shape[1]  # the longest yet (sorted): padding stays under half the block
+            if group and (len(group) + 1) * P > 2 * (P + sum(g[1].ids.shape[1] for g in group)):
+                self._prefill(group)
+                group = []
+            group.append((req, p))
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list) -> None:
+        cache, first, n = self.cache, len(self.seqs), len(group)
+        lengths = [p.ids.shape[1] for _, p in group]
+        T, dev = max(lengths), group[0][1].ids.device
+        cache.reserve(first + n, max(T, *(P + p.config.max_new_tokens for P, (_, p) in zip(lengths, group))))
+        ids = torch.full((n, T), group[0][1].pad, dtype=torch.long, device=dev)
+        for i, (_, p) in enumerate(group):
+            ids[i, :lengths[i]] = p.ids[0]
+        cache.prefill(first, n)
+        hidden = self.model.backbone.decode(ids, cache=cache)  # (n, T, d)
+        last = hidden[torch.arange(n, device=dev), torch.tensor(lengths, device=dev) - 1]  # (n, d)
+        logits = self.model.logits(last[:, None])[:, 0].float()  # (n, V)
+        for (req, p), P in zip(group, lengths):
+            config, params = p.config, p.config.sampling
+            penalised = is_penalised(params)
+            hist = None
+            if penalised:
+                hist = torch.zeros(1, P + config.max_new_tokens, dtype=torch.long, device=dev)
+                hist[:, :P] = p.ids
+            self.seqs.append(Seq(req, p.ids, config.max_new_tokens, config.min_new_tokens, params,
+                                 config.strategy == "sample", penalised, p.generator,
+                                 Detokenizer(self.tokenizer, config.stop), hist, pos=P))
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
     # ---- one step

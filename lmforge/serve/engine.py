@@ -162,7 +162,6 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout)
 
-
     # ---- the engine thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -183,9 +182,9 @@ class Engine:
                     _abandon(item)
                 self._guard(lambda: batch.advance(cancel_all=True))
                 return
-            with torch.inference_mode():
-                self._take(waiting)
-                if batch:
+            self._take(waiting)
+            if batch:
+                with torch.inference_mode():
                     self._guard(batch.advance)
 
     def _guard(self, step: Callable[[], None]) -> None:
@@ -199,9 +198,9 @@ class Engine:
             self.last_error = repr(e)
 
     def _take(self, n: int) -> None:
-        """Handle the first n queued items in order: admit requests while the batch has free
-        slots (the first that finds none waits, and every request behind it), run calls, and
-        run every embedding request waiting now as one."""
+        """Handle the first n queued items in order: run calls, run every embedding request
+        waiting now as one, and admit requests while the batch has free slots (the first that
+        finds none waits, and every request behind it), their prompts prefilled together."""
         with self._wake:
             items, free, held, now = list(self._queue), self._batch.free, False, []
             for item in items[:n]:
@@ -215,9 +214,10 @@ class Engine:
             now += [x for x in items[n:] if isinstance(x, _Embed)]
             taken = set(map(id, now))
             self._queue = collections.deque(x for x in items if id(x) not in taken)
+        admit = []
         for item in now:
             if isinstance(item, Request):
-                self._admit(item)
+                admit.append(item)
             elif isinstance(item, _Embed):
                 if embeds:
                     self._embed(embeds)
@@ -229,17 +229,23 @@ class Engine:
                         future.set_result(fn())
                     except BaseException as e:  # noqa: BLE001  (handed to the caller)
                         future.set_exception(e)
+        if admit:
+            with torch.inference_mode():
+                self._admit(admit)
 
-    def _admit(self, req: Request) -> None:
-        if req.cancelled:
-            req._push(Event(finish_reason="cancelled"))
-            return
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += req.prompt_tokens
+    def _admit(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            if req.cancelled:
+                req._push(Event(finish_reason="cancelled"))
+        reqs = [r for r in reqs if not r.done]
+        self.stats["requests"] += len(reqs)
+        self.stats["prompt_tokens"] += sum(r.prompt_tokens for r in reqs)
         try:
-            self._batch.admit(req, req._prepared)
-        except Exception as e:  # noqa: BLE001  (the prefill failed: this request only)
-            req._push(Event(finish_reason="error"))
+            self._batch.admit([(r, r._prepared) for r in reqs])
+        except Exception as e:  # noqa: BLE001  (a prefill failed: these requests only)
+            for r in reqs:
+                if not r.done and all(s.req is not r for s in self._batch.seqs):
+                    r._push(Event(finish_reason="error"))
             self.stats["errors"] += 1
             self.last_error = repr(e)
 
