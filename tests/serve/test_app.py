@@ -277,3 +277,14 @@ def test_serve_flags_reach_create_app(monkeypatch, tiny_text_model):
     assert got["limits"] == Limits(max_queue=3, max_new_tokens=9) and got["host"] == "127.0.0.1"
     main(["serve", str(tiny_text_model), "--api-key", "flag"])
     assert got["api_key"] == "flag" and got["limits"] == Limits()
+
+
+def test_no_request_reaches_the_filesystem(http, tiny_text_model):
+    """Paths and model names that point at files are unknown routes or unknown models, never read."""
+    for path in ("/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/static/../app.py", "/index.html",
+                 f"/{tiny_text_model}/config.json"):
+        assert http.get(path).status_code == 404, path
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for name in ("/etc/passwd", "../tiny", str(tiny_text_model)):
+        error_of(http.post("/v1/chat/completions", json={**chat, "model": name}), 404, "model")
+        error_of(http.get(f"/v1/models/{name}"), 404)
