@@ -1,6 +1,7 @@
 """The HTTP server over raw HTTP on loopback: lmforge's /v1/generate, every error in OpenAI's
 shape, the API key, the body limit, /metrics, a client that goes away, and shutdown."""
 
+import contextlib
 import json
 import re
 import threading
@@ -183,16 +184,28 @@ def test_metrics_are_prometheus_text(http):
     assert all(sample.fullmatch(line) for line in text.splitlines() if not line.startswith("#"))
 
 
-def test_a_client_that_leaves_cancels_its_request(tiny_server):
-    url, app = tiny_server
-    engine, gate, calls = app.state.engine, threading.Event(), [0]
+@contextlib.contextmanager
+def held_at(engine, n: int):
+    """Within the block, the engine's n-th forward pass from now waits until the yielded gate
+    is set (or 60 s); the gate is set and the hook removed on the way out."""
+    gate, calls = threading.Event(), [0]
 
-    def hold(*_):  # the third forward pass waits until the disconnect has been seen
+    def hold(*_):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == n:
             gate.wait(60)
     handle = engine.model.backbone.tokens.register_forward_hook(hold)
     try:
+        yield gate
+    finally:
+        gate.set()
+        handle.remove()
+
+
+def test_a_client_that_leaves_cancels_its_request(tiny_server):
+    url, app = tiny_server
+    engine = app.state.engine
+    with held_at(engine, 3) as gate:  # the third forward pass waits until the disconnect has been seen
         with httpx.Client(base_url=url, timeout=120) as http:
             cancelled = metric(http.get("/metrics").text, 'lmforge_finished_total{reason="cancelled"}')
             tokens = engine.stats["completion_tokens"]
@@ -205,21 +218,12 @@ def test_a_client_that_leaves_cancels_its_request(tiny_server):
             r = http.post("/v1/completions", json={"prompt": "the", "max_tokens": 3, "temperature": 0})
             assert r.json()["usage"]["completion_tokens"] == 3
             assert engine.stats["completion_tokens"] - tokens < 100  # the first stopped long before its 100
-    finally:
-        gate.set()
-        handle.remove()
 
 
 def test_a_client_that_times_out_cancels_its_request(tiny_server):
     url, app = tiny_server
-    engine, gate, calls = app.state.engine, threading.Event(), [0]
-
-    def hold(*_):  # the second forward pass waits until the disconnect has been seen
-        calls[0] += 1
-        if calls[0] == 2:
-            gate.wait(60)
-    handle = engine.model.backbone.tokens.register_forward_hook(hold)
-    try:
+    engine = app.state.engine
+    with held_at(engine, 2) as gate:  # the second forward pass waits until the disconnect has been seen
         with httpx.Client(base_url=url, timeout=120) as http:
             cancelled = metric(http.get("/metrics").text, 'lmforge_finished_total{reason="cancelled"}')
             tokens = engine.stats["completion_tokens"]
@@ -231,9 +235,6 @@ def test_a_client_that_times_out_cancels_its_request(tiny_server):
             gate.set()
             assert http.post("/v1/completions", json={"prompt": "the", "max_tokens": 3}).status_code == 200
             assert engine.stats["completion_tokens"] - tokens < 60
-    finally:
-        gate.set()
-        handle.remove()
 
 
 def test_shutdown_finishes_what_runs_then_closes_the_engine(tiny_text_model):
