@@ -108,7 +108,7 @@ def _cmd_serve(a) -> int:
 
     from lmforge.serve import Limits, serve
     given = dict(max_batch=a.max_batch, max_queue=a.max_queue, max_prompt_tokens=a.max_prompt_tokens,
-                 max_new_tokens=a.max_tokens)
+                 max_new_tokens=a.max_tokens, prefix_cache_mb=a.prefix_cache_mb)
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # the rest: Limits' defaults
     serve(a.model, host=a.host, port=a.port, quantize=a.quantize, model_name=a.model_name,
           api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None, limits=limits,
@@ -136,7 +136,7 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("serve", help="HTTP server with OpenAI's API: /v1/completions, /v1/chat/completions, "
                                      "/v1/embeddings, /v1/models; /v1/generate, /health, /metrics")
-    s.add_argument("model")
+    s.add_argument("model", help="model directory or .gguf file, or a packaged model name")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="the model's name in the API (default: the model directory's name)")
@@ -147,5 +147,7 @@ def add_commands(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, help="longest prompt taken (default: the model's context)")
     s.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the context)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    s.add_argument("--prefix-cache-mb", type=int, help="keys/values of recent prompts kept for the prompts "
+                                                       "that start the same way (default 64; 0: none)")
     _quantize_args(s)
     s.set_defaults(fn=_cmd_serve)

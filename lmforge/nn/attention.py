@@ -92,11 +92,11 @@ class SlotCache:
     it through the same `update(layer, k, v)` as a `KVCache`, in one of two modes set before
     each forward pass:
 
-        prefill(slot, n)    the next pass runs n prompts (right-padded) from position 0 into
-                            slots slot..slot+n-1
-        step(positions)     the next pass feeds one token to each of slots 0..n-1, row i
-                            written at positions[i]; keys up to max(positions) come back,
-                            and the caller masks each row's keys beyond its own position
+        prefill(slot, n, start)  the next pass runs n prompts (right-padded) from position
+                                 `start` into slots slot..slot+n-1 (`put` wrote what is before)
+        step(positions)          the next pass feeds one token to each of slots 0..n-1, row i
+                                 written at positions[i]; keys up to max(positions) come back,
+                                 and the caller masks each row's keys beyond its own position
 
     In step mode `pos` is max(positions), the offset the stack's causal mask starts from.
     The running sequences keep slots 0..n-1 (`move` packs a slot into a freed one), so the
@@ -130,22 +130,31 @@ class SlotCache:
         return self.buf.shape[4]
 
     def reserve(self, slots: int, length: int) -> None:
-        """Make room for `slots` slots of `length` positions (each size at least doubles when it
-        grows, up to max_len for the length); what is cached stays."""
+        """Make room for `slots` slots of `length` positions (a size that grows at least
+        doubles, up to max_len for the length; the other stays); what is cached stays."""
         if length > self.max_len:
             raise ValueError(f"a slot of {length} positions exceeds the model's context of {self.max_len}")
         if slots <= self.slots and length <= self.length:
             return
-        new_slots = max(slots, min(2 * self.slots, slots + 8))
-        new_len = min(self.max_len, max(length, 2 * self.length, 64))
+        new_slots = max(slots, min(2 * self.slots, slots + 8)) if slots > self.slots else self.slots
+        new_len = min(self.max_len, max(length, 2 * self.length, 64)) if length > self.length else self.length
         L, _, S, KV, T, hd = self.buf.shape
         buf = torch.zeros(L, 2, new_slots, KV, new_len, hd, dtype=self.buf.dtype, device=self.buf.device)
         buf[:, :, :S, :, :T] = self.buf
         self.buf, self.kv = buf, list(buf)
 
-    def prefill(self, slot: int, n: int = 1) -> None:
-        """The next forward pass writes n sequences from position 0 into slots slot..slot+n-1."""
-        self._rows, self._at, self.pos = slice(slot, slot + n), None, 0
+    def prefill(self, slot: int, n: int = 1, start: int = 0) -> None:
+        """The next forward pass writes n sequences from position `start` into slots
+        slot..slot+n-1 (positions before `start` are there already: `put`)."""
+        self._rows, self._at, self.pos = slice(slot, slot + n), None, start
+
+    def put(self, slot: int, kv: torch.Tensor, length: int) -> None:
+        """Write the first `length` positions of kv (n_layers, 2, KV, >= length, hd) into `slot`."""
+        self.buf[:, :, slot, :, :length] = kv[:, :, :, :length]
+
+    def take(self, slot: int, length: int) -> torch.Tensor:
+        """A copy of the first `length` positions of `slot`: (n_layers, 2, KV, length, hd)."""
+        return self.buf[:, :, slot, :, :length].clone()
 
     def step(self, positions: torch.Tensor, top: int) -> None:
         """The next forward pass writes one token per slot 0..n-1 at positions (n,); top is

@@ -2,7 +2,8 @@
 
 Every running sequence owns a slot of one `SlotCache`, at its own length. At each step the
 engine first `admit`s waiting requests (their prompts are prefilled into free slots, together
-when their lengths are close, giving their first next-token logits), then `advance` chooses the next
+when their lengths are close, from where the prefix cache's match ends, giving their first
+next-token logits), then `advance` chooses the next
 token of every running sequence with that request's own options, sends the events, frees
 the slots of the sequences that ended (the last slots move into the holes, so the running
 ones stay 0..n-1) and runs one decoding step for all the others together: each row's token
@@ -27,6 +28,7 @@ from lmforge.generate.state import Prepared
 from lmforge.generate.stream import Detokenizer
 from lmforge.nn.attention import SlotCache
 from lmforge.nn.linear import RowBlocks
+from lmforge.serve.prefix import PrefixCache
 from lmforge.serve.request import Event
 
 
@@ -58,11 +60,13 @@ class Seq:
 class Batch:
     """The sequences decoded together (at most `max_batch`) and their cache slots."""
 
-    def __init__(self, model, tokenizer, eos: list[int], max_batch: int, stats):
+    def __init__(self, model, tokenizer, eos: list[int], max_batch: int, stats, prefix: PrefixCache | None = None):
         cfg, bb = model.cfg, model.backbone
         self.model, self.tokenizer, self.eos, self.stats = model, tokenizer, eos, stats
-        # T5-style relative bias is sliced at one offset for the whole batch: one row at a time
+        # T5-style relative bias is sliced at one offset for the whole batch: one row at a time,
+        # and its cached keys are not reused
         self.max_batch = 1 if cfg.position == "relative" else max_batch
+        self.prefix = prefix if cfg.position != "relative" else None
         self.cache = SlotCache.for_model(cfg, bb.tokens.weight.dtype, bb.tokens.weight.device)
         self.seqs: list[Seq] = []
         self.logits: torch.Tensor | None = None  # (n, V) next-token logits of each running row
@@ -77,33 +81,54 @@ class Batch:
     # ---- admission
     def admit(self, reqs: list) -> None:
         """Prefill the prompts of reqs, (Request, Prepared) pairs, into the next free slots; their
-        first tokens come at `advance`. Prompts of similar lengths run as one right-padded
-        block (causal attention: no real token sees the padding after it)."""
+        first tokens come at `advance`. A prompt whose beginning the prefix cache holds starts
+        from there; prompts that reuse m to 2m + 16 tokens start together, from m. Prompts of
+        similar lengths run as one right-padded block (causal attention: no real token sees
+        the padding after it)."""
         if not self.seqs:  # a new busy period: weights may have changed since the last one
             self.cache.blocks, self.cache.rel_bias = RowBlocks(), None
-        group: list = []
-        for req, p in sorted(reqs, key=lambda r: r[1].ids.shape[1]):
-            P = p.ids.shape[1]  # the longest yet (sorted): padding stays under half the block
-            if group and (len(group) + 1) * P > 2 * (P + sum(g[1].ids.shape[1] for g in group)):
-                self._prefill(group)
-                group = []
-            group.append((req, p))
-        if group:
-            self._prefill(group)
+            if self.prefix is not None:
+                self.prefix.valid_for(self.model)
+        found = sorted(((req, p, *(self.prefix.match(p.ids[0].tolist()) if self.prefix is not None else (0, None)))
+                        for req, p in reqs), key=lambda r: r[2])
+        groups: list[list] = []  # rows that reuse m >= start, at most 2 * start + 16 tokens, start together
+        for row in found:
+            if not groups or row[2] > 2 * groups[-1][0][2] + 16:
+                groups.append([])
+            groups[-1].append(row)
+        for rows in groups:
+            start = rows[0][2]
+            group: list = []
+            for row in sorted(rows, key=lambda r: r[1].ids.shape[1]):
+                T = row[1].ids.shape[1] - start  # the longest yet (sorted): padding stays under half the block
+                if group and (len(group) + 1) * T > 2 * (T + sum(g[1].ids.shape[1] - start for g in group)):
+                    self._prefill(group, start)
+                    group = []
+                group.append(row)
+            if group:
+                self._prefill(group, start)
 
-    def _prefill(self, group: list) -> None:
+    def _prefill(self, group: list, start: int) -> None:
+        """Prefill (Request, Prepared, m, kv) rows from position `start`: positions before it
+        are copied from each row's prefix-cache match."""
         cache, first, n = self.cache, len(self.seqs), len(group)
-        lengths = [p.ids.shape[1] for _, p in group]
+        full = [p.ids.shape[1] for _, p, _, _ in group]
+        lengths = [P - start for P in full]
         T, dev = max(lengths), group[0][1].ids.device
-        cache.reserve(first + n, max(T, *(P + p.config.max_new_tokens for P, (_, p) in zip(lengths, group))))
+        cache.reserve(max(first + n, self.max_batch), max(start + T, *(P + p.config.max_new_tokens for P, (_, p, _, _) in zip(full, group))))
         ids = torch.full((n, T), group[0][1].pad, dtype=torch.long, device=dev)
-        for i, (_, p) in enumerate(group):
-            ids[i, :lengths[i]] = p.ids[0]
-        cache.prefill(first, n)
+        for i, (_, p, _, kv) in enumerate(group):
+            ids[i, :lengths[i]] = p.ids[0, start:]
+            if start:
+                cache.put(first + i, kv, start)
+        cache.prefill(first, n, start)
         hidden = self.model.backbone.decode(ids, cache=cache)  # (n, T, d)
         last = hidden[torch.arange(n, device=dev), torch.tensor(lengths, device=dev) - 1]  # (n, d)
         logits = self.model.logits(last[:, None])[:, 0].float()  # (n, V)
-        for (req, p), P in zip(group, lengths):
+        self.stats["cached_prompt_tokens"] += start * n
+        for i, ((req, p, _, _), P) in enumerate(zip(group, full)):
+            if self.prefix is not None:
+                self.prefix.add(p.ids[0].tolist(), lambda slot=first + i, P=P: cache.take(slot, P))
             config, params = p.config, p.config.sampling
             penalised = is_penalised(params)
             hist = None

@@ -10,7 +10,8 @@
 Requests wait in a bounded queue (`QueueFull` when it is full) and are decoded with
 continuous batching (`lmforge.serve.batch`): at every step the engine thread takes the
 waiting requests into the running batch while it has free slots (`Limits.max_batch`),
-prefills their prompts, and runs one decoding step for every running sequence together.
+prefills their prompts (from where the prefix cache's copy of an earlier prompt's keys and values
+ends: `lmforge.serve.prefix`), and runs one decoding step for every running sequence together.
 Each request keeps its own options (greedy or sampling, filters, seed, stop strings,
 max_new_tokens): its tokens are those `generate` gives it alone. A sequence that ends
 (EOS or stop string: "stop"; max_new_tokens: "length"; `Request.cancel` or
@@ -24,8 +25,9 @@ model is never used by two threads at once: `call(fn)` (beam search, encoder-dec
 `lmforge.embed.embed` call. Requests enter the batch first in, first out; calls and
 embeddings do not wait behind a request that waits for a free slot.
 
-For /metrics: `stats` counts requests, prompt_tokens, completion_tokens, steps (decoding
-steps) and batch_tokens (the sum of the batch sizes of those steps); `running` is the
+For /metrics: `stats` counts requests, prompt_tokens, cached_prompt_tokens (taken from the
+prefix cache, not computed), completion_tokens, steps (decoding steps) and batch_tokens (the
+sum of the batch sizes of those steps); `running` is the
 number of sequences in the batch now and `queue_depth` the number of items waiting. Each
 `Request` has `submitted`, `first_token_at` and `finished_at` (time.perf_counter()).
 """
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from lmforge.generate.config import GenerationConfig
 from lmforge.generate.state import eos_list, prepare
 from lmforge.serve.batch import Batch
+from lmforge.serve.prefix import PrefixCache
 from lmforge.serve.request import Event, Request
 
 __all__ = ["Engine", "Limits", "Request", "Event", "QueueFull", "EngineClosed"]
@@ -66,12 +69,14 @@ class Limits:
     max_queue: int = 64  # requests waiting beyond the running batch; more → QueueFull
     max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
+    prefix_cache_mb: int = 64  # keys/values of recent prompts kept for reuse (lmforge.serve.prefix); 0: none
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens"):
+        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "prefix_cache_mb"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"Limits.{name} must be an int >= 1, got {v!r}")
+            least = 0 if name == "prefix_cache_mb" else 1
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ValueError(f"Limits.{name} must be an int >= {least}, got {v!r}")
 
 
 class Engine:
@@ -88,7 +93,8 @@ class Engine:
         self._closing = self._cancel_all = False
         self.stats = collections.Counter()  # requests, prompt_tokens, completion_tokens, steps, batch_tokens
         self.last_error: str | None = None
-        self._batch = Batch(self.model, tokenizer, self.eos, self.limits.max_batch, self.stats)
+        prefix = PrefixCache(self.limits.prefix_cache_mb << 20) if self.limits.prefix_cache_mb else None
+        self._batch = Batch(self.model, tokenizer, self.eos, self.limits.max_batch, self.stats, prefix)
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 

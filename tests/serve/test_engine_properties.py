@@ -1,5 +1,6 @@
-"""Property (Hypothesis): whatever the model, the batch limit, the arrival steps and the order
-of submission, every engine request gets exactly its own greedy `generate` answer."""
+"""Property (Hypothesis): whatever the model, the batch limit, the arrival steps, the order
+of submission and the beginnings prompts share (which the prefix cache reuses), every engine
+request gets exactly its own greedy `generate` answer."""
 
 import functools
 
@@ -43,7 +44,9 @@ def model_for(shape: str, layers: int, vocab: int, eos: int) -> Model:
 @st.composite
 def workloads(draw):
     n = draw(st.integers(1, 7))
-    requests = [dict(prompt=draw(st.lists(st.integers(3, 10_000), min_size=1, max_size=14)),  # ids mod vocab
+    shared = draw(st.lists(st.integers(3, 10_000), max_size=20))  # a beginning some prompts share (prefix cache)
+    requests = [dict(prompt=shared[:draw(st.integers(0, len(shared)))]
+                     + draw(st.lists(st.integers(3, 10_000), min_size=1, max_size=14)),  # ids mod vocab
                      max_new=draw(st.integers(1, 14)), step=draw(st.integers(0, 12)),
                      min_new=draw(st.sampled_from([0, 0, 3]))) for _ in range(n)]
     order = draw(st.permutations(range(n)))
