@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from bench.timing import Lineup, Settings, compare
+from bench.timing import Lineup, Settings, compare, flops_share
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "Explain in a few sentences why the sky is blue."
@@ -65,7 +65,7 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
             cs = [c for c in cs if c is not None]
             for c in cs:
                 if n == 1:
-                    c.limit_pct = _flops_share(2 * info["matmul_params"], ceilings.get("fp32_gflops"))
+                    c.limit_pct = flops_share(2 * info["matmul_params"], ceilings.get("fp32_gflops"))
                 else:  # llama.cpp reads the file's Q4_1 blocks; HF the same float32 weights as lmforge
                     weights = {"llama.cpp": gguf_bytes, "HF": info["weight_bytes_per_step"]}.get(
                         c.label, c.info.get("weight_bytes_per_step"))
@@ -83,9 +83,3 @@ def _read_share(weight_bytes, bandwidth_gbs):
     if not weight_bytes or not bandwidth_gbs:
         return None
     return lambda rate: 100 * weight_bytes * rate / (bandwidth_gbs * 1e9)
-
-
-def _flops_share(flops_per_token, ceiling_gflops):
-    if not ceiling_gflops:
-        return None
-    return lambda rate: 100 * flops_per_token * rate / (ceiling_gflops * 1e9)

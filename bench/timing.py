@@ -117,6 +117,14 @@ class Worker:
         return self.peak_rss_mb
 
 
+def flops_share(flops_per_unit, ceiling_gflops):
+    """rate (units/s) -> % of the fp32 matmul ceiling that flops_per_unit x rate is; None
+    when either is unknown."""
+    if not flops_per_unit or not ceiling_gflops:
+        return None
+    return lambda rate: 100 * flops_per_unit * rate / (ceiling_gflops * 1e9)
+
+
 def median_ratio(subject: list[float], reference: list[float]) -> float:
     """Median over repeats of subject rate / reference rate, repeat by repeat."""
     if not subject or len(subject) != len(reference):

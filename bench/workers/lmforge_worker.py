@@ -122,11 +122,17 @@ def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quan
 
 def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):
     model, tok = lmforge.load(model_dir)
+    # the useful work, whoever does it: 2 FLOPs per weight of the layers' linear maps per real
+    # token (padding and attention not counted)
+    layer_params = sum(m.weight.numel() for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}.")
+    tokens = sum(len(tok.encode(s)) for s in sentences)
 
     def run():
         lmforge_embed(model, tok, sentences, batch_size=batch_size)
         return float(len(sentences))
-    return run, {"check": lmforge_embed(model, tok, sentences[:check], batch_size=batch_size).tolist()}
+    return run, {"check": lmforge_embed(model, tok, sentences[:check], batch_size=batch_size).tolist(),
+                 "flops_per_sentence": 2 * layer_params * tokens / len(sentences), "tokens": tokens}
 
 
 if __name__ == "__main__":
