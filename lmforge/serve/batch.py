@@ -127,6 +127,7 @@ class Batch:
         logits = self.model.logits(last[:, None])[:, 0].float()  # (n, V)
         self.stats["cached_prompt_tokens"] += start * n
         for i, ((req, p, _, _), P) in enumerate(zip(group, full)):
+            req.cached_tokens = start
             if self.prefix is not None:
                 self.prefix.add(p.ids[0].tolist(), lambda slot=first + i, P=P: cache.take(slot, P))
             config, params = p.config, p.config.sampling

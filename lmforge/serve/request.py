@@ -40,6 +40,7 @@ class Request:
     first_token_at: float | None = None  # perf_counter times, like submitted
     finished_at: float | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     finish_reason: str | None = None  # "stop", "length", "cancelled" (or "error": an engine bug)
     _prepared: object = field(default=None, repr=False)  # the checked prompt (generate.state.Prepared)
     _events: collections.deque = field(default_factory=collections.deque, repr=False)

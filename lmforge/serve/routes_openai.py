@@ -1,6 +1,7 @@
 """OpenAI's endpoints: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models.
 
-Responses carry `usage` (prompt tokens counted once per prompt, completion tokens summed
+Responses carry `usage` (prompt tokens counted once per prompt, with
+`prompt_tokens_details.cached_tokens` those the prefix cache gave; completion tokens summed
 over the choices) and each choice a `finish_reason`: "stop" (EOS or a stop string) or
 "length" (max_tokens). Streams are server-sent events, `data: {...}` then `data: [DONE]`;
 each choice's last chunk carries its finish_reason, and with
@@ -90,13 +91,13 @@ def add_openai_routes(app, s: Server) -> None:
                         yield {**out, "choices": [{"index": i, "text": e.text, "logprobs": lp,
                                                    "finish_reason": e.finish_reason}]}
                 if include_usage(r):
-                    yield {**out, "choices": [], "usage": s.usage(n_prompt, started)}
+                    yield {**out, "choices": [], "usage": s.usage(n_prompt, started, r.n)}
             return EventStream(chunks(), started)
         answers = await s.finish(started, client)
         choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason,
                     "logprobs": None if r.logprobs is None else completion_logprobs(tok, a.events, offsets[i])}
                    for i, a in enumerate(answers)]
-        return {**out, "choices": choices, "usage": s.usage(n_prompt, answers)}
+        return {**out, "choices": choices, "usage": s.usage(n_prompt, answers, r.n)}
 
     @app.post("/v1/chat/completions")
     async def chat(r: ChatRequest, client: HTTPRequest):
@@ -130,13 +131,13 @@ def add_openai_routes(app, s: Server) -> None:
                         yield {**out, "choices": [{"index": i, "delta": {"content": e.text} if e.text else {},
                                                    "logprobs": lp, "finish_reason": e.finish_reason}]}
                 if include_usage(r):
-                    yield {**out, "choices": [], "usage": s.usage(n_prompt, started)}
+                    yield {**out, "choices": [], "usage": s.usage(n_prompt, started, r.n)}
             return EventStream(chunks(), started)
         answers = await s.finish(started, client)
         choices = [{"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish_reason,
                     "logprobs": None if logprobs is None else chat_logprobs(tok, a.events)}
                    for i, a in enumerate(answers)]
-        return {**head("chatcmpl", "chat.completion"), "choices": choices, "usage": s.usage(n_prompt, answers)}
+        return {**head("chatcmpl", "chat.completion"), "choices": choices, "usage": s.usage(n_prompt, answers, r.n)}
 
     @app.post("/v1/embeddings")
     async def embeddings(r: EmbeddingsRequest):

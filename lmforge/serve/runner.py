@@ -26,6 +26,7 @@ class Answer:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache gave
     events: list[Event] = field(default_factory=list)  # token events (log-probabilities)
 
 
@@ -160,6 +161,7 @@ class Server:
                 if e.token is not None:
                     answer.events.append(e)
         answer.finish_reason, answer.completion_tokens = started.finish_reason, started.completion_tokens
+        answer.cached_tokens = started.cached_tokens
         return answer
 
     async def finish(self, started: list, client=None) -> list[Answer]:
@@ -213,10 +215,13 @@ class Server:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def usage(self, prompt_tokens: int, started_or_answers: list) -> dict:
+    def usage(self, prompt_tokens: int, started_or_answers: list, n: int = 1) -> dict:
+        """OpenAI's usage of prompts with n choices each (choice 0 of each prompt first, then
+        the others): cached_tokens are those of each prompt's first choice."""
         completion = sum(s.completion_tokens for s in started_or_answers)
+        cached = sum(s.cached_tokens for s in started_or_answers[::n])
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _disconnect(client) -> None:

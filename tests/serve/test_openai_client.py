@@ -2,6 +2,7 @@
 embeddings and models, each checked against the Python API run in this process."""
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -69,6 +70,19 @@ def test_chat_and_its_stream_match_the_template_run(client, lm):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [full.choices[0].finish_reason]
     assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_a_shared_system_message_comes_from_the_prefix_cache(client, lm):
+    model, tok = lm
+    system = {"role": "system", "content": "you answer every question about the quick brown fox and the lazy dog"}
+    chats = [[system, {"role": "user", "content": q}] for q in ("the quick brown fox", "over the lazy dog")]
+    got = [client.chat.completions.create(model="tiny", messages=c, max_tokens=6, temperature=0) for c in chats]
+    shared = len(os.path.commonprefix([tok.encode(chat_prompt(tok, c)) for c in chats]))
+    assert shared > 10
+    # the second prompt's shared beginning was computed for the first (or by an earlier test)
+    assert shared <= got[1].usage.prompt_tokens_details.cached_tokens < got[1].usage.prompt_tokens
+    for c, r in zip(chats, got):  # and the answers are those of the Python API alone
+        assert r.choices[0].message.content == generate_text(model, tok, chat_prompt(tok, c), max_new_tokens=6)
 
 
 def test_n_choices_stop_and_seed(client, lm):
