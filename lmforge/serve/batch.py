@@ -27,7 +27,8 @@ from lmforge.generate.sampling import is_penalised, penalties
 from lmforge.generate.state import Prepared
 from lmforge.generate.stream import Detokenizer
 from lmforge.nn.attention import SlotCache
-from lmforge.nn.linear import RowBlocks
+from lmforge.nn.linear import Linear, RowBlocks
+from lmforge.nn.packed import PackedLinears, packing_enabled, packing_pays
 from lmforge.serve.prefix import PrefixCache
 from lmforge.serve.request import Event
 
@@ -57,6 +58,12 @@ class Seq:
         return self.hist[:, :self.prompt.shape[1] + self.t]
 
 
+def weights_version(model) -> tuple:
+    """Changes when any weight does: another tensor, or one written in place (torch counts each
+    tensor's in-place writes)."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 class Batch:
     """The sequences decoded together (at most `max_batch`) and their cache slots."""
 
@@ -67,6 +74,13 @@ class Batch:
         # and its cached keys are not reused
         self.max_batch = 1 if cfg.position == "relative" else max_batch
         self.prefix = prefix if cfg.position != "relative" else None
+        # oneDNN weights packed once (lmforge.nn.packed) where that is measured to pay here
+        w = bb.tokens.weight
+        self.pack = (w.device.type == "cpu" and w.dtype == torch.float32 and packing_enabled()
+                     and any(type(m) is Linear for m in model.modules())
+                     and packing_pays(cfg.d_model, cfg.d_ff, min(self.max_batch, 16)))
+        self._packed: PackedLinears | None = None
+        self._version: tuple | None = None  # weights_version when the packed weights and prefix cache were made
         self.cache = SlotCache.for_model(cfg, bb.tokens.weight.dtype, bb.tokens.weight.device)
         self.seqs: list[Seq] = []
         self.logits: torch.Tensor | None = None  # (n, V) next-token logits of each running row
@@ -86,9 +100,14 @@ class Batch:
         similar lengths run as one right-padded block (causal attention: no real token sees
         the padding after it)."""
         if not self.seqs:  # a new busy period: weights may have changed since the last one
-            self.cache.blocks, self.cache.rel_bias = RowBlocks(), None
-            if self.prefix is not None:
-                self.prefix.valid_for(self.model)
+            self.cache.rel_bias = None
+            version = weights_version(self.model)
+            if version != self._version:
+                self._version = version
+                if self.prefix is not None:
+                    self.prefix.clear()
+                self._packed = PackedLinears(self.max_batch) if self.pack else None
+            self.cache.blocks = self._packed if self._packed is not None else RowBlocks()
         found = sorted(((req, p, *(self.prefix.match(p.ids[0].tolist()) if self.prefix is not None else (0, None)))
                         for req, p in reqs), key=lambda r: r[2])
         groups: list[list] = []  # rows that reuse m >= start, at most 2 * start + 16 tokens, start together

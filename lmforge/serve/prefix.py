@@ -12,8 +12,8 @@ as with batching (products of other shapes round in the last bits).
 
 The cache holds at most `max_bytes` of keys and values and `max_entries` prompts; the least
 recently used go first. It is only for decoders whose keys do not depend on the batch's
-offsets (not T5-style relative bias), and it is emptied when the model's weights change
-(`valid_for`).
+offsets (not T5-style relative bias), and the engine empties it when the model's weights
+change.
 """
 
 from __future__ import annotations
@@ -42,18 +42,9 @@ class PrefixCache:
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self.entries: collections.OrderedDict[tuple[int, ...], torch.Tensor] = collections.OrderedDict()
         self.bytes = 0
-        self._weights: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def valid_for(self, model) -> None:
-        """Empty the cache if the model's weights changed since it was filled (another tensor,
-        or one written in place: torch counts each tensor's in-place writes)."""
-        seen = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
-        if seen != self._weights:
-            self.clear()
-            self._weights = seen
 
     def clear(self) -> None:
         self.entries.clear()

@@ -1,6 +1,6 @@
 """Property (Hypothesis): whatever the model, the batch limit, the arrival steps, the order
-of submission and the beginnings prompts share (which the prefix cache reuses), every engine
-request gets exactly its own greedy `generate` answer."""
+of submission, the beginnings prompts share (which the prefix cache reuses) and the weights'
+layout (oneDNN-packed or not), every engine request gets exactly its own greedy `generate` answer."""
 
 import functools
 
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lmforge.config import ModelConfig
 from lmforge.generate import GenerationConfig, generate
 from lmforge.models.heads import Model
+from lmforge.nn.packed import packing_enabled
 from lmforge.serve.engine import Engine, Limits
 from tests.serve.test_engine import submit_at
 
@@ -50,15 +51,17 @@ def workloads(draw):
                      max_new=draw(st.integers(1, 14)), step=draw(st.integers(0, 12)),
                      min_new=draw(st.sampled_from([0, 0, 3]))) for _ in range(n)]
     order = draw(st.permutations(range(n)))
-    return draw(st.sampled_from(sorted(SHAPES))), draw(st.integers(1, 2)), draw(st.integers(1, 4)), requests, order
+    return (draw(st.sampled_from(sorted(SHAPES))), draw(st.integers(1, 2)), draw(st.integers(1, 4)), requests, order,
+            draw(st.booleans()))
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=workloads())
 def test_every_request_gets_its_greedy_answer_alone(tok, case):
-    shape, layers, max_batch, requests, order = case
+    shape, layers, max_batch, requests, order, packed = case
     model = model_for(shape, layers, tok.vocab_size, tok.eos_id)
     engine = Engine(model, tok, Limits(max_batch=max_batch, max_queue=100))
+    engine._batch.pack = packed and packing_enabled()  # oneDNN-packed weights or not, whatever pays here
     try:
         futures = {}
         prompts = [[3 + t % (tok.vocab_size - 3) for t in r["prompt"]] for r in requests]

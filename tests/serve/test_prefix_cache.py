@@ -7,6 +7,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.generate import GenerationConfig, generate
 from lmforge.models.heads import Model
+from lmforge.nn.packed import packing_enabled
 from lmforge.serve.engine import Engine, Limits
 from lmforge.serve.prefix import PrefixCache, common_prefix
 
@@ -53,18 +54,18 @@ def test_add_keeps_one_entry_per_line_of_prompts_and_evicts_the_least_recent():
     assert list(few.entries) == [(1, 1), (2, 2)]
 
 
-def test_a_weight_change_empties_the_cache():
+def test_weights_version_changes_with_any_weight():
+    from lmforge.serve.batch import weights_version
     model = Model(ModelConfig(family="decoder", vocab_size=50, d_model=16, n_heads=2, n_decoder_layers=1,
                               d_ff=16, max_len=32))
-    cache = PrefixCache(1 << 20)
-    cache.valid_for(model)
-    cache.add([1, 2, 3], lambda: kv(3))
-    cache.valid_for(model)
-    assert len(cache) == 1
+    before = weights_version(model)
+    assert weights_version(model) == before
     with torch.no_grad():
         model.backbone.tokens.weight[0, 0] += 1  # written in place
-    cache.valid_for(model)
-    assert len(cache) == 0
+    assert weights_version(model) != before
+    before = weights_version(model)
+    model.backbone.tokens.weight = torch.nn.Parameter(model.backbone.tokens.weight.detach().clone())  # replaced
+    assert weights_version(model) != before
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +113,14 @@ def test_no_reuse_without_the_cache_or_after_a_weight_change(llama_like):
     finally:
         engine.close()
     engine = Engine(model, tok, Limits())
+    engine._batch.pack = packing_enabled()  # packed weights too must follow the change
     saved = model.state_dict()["backbone.tokens.weight"].clone()
     try:
         engine.submit(prompts[0], config).result()
         with torch.no_grad():  # between two busy periods: the kept keys/values are stale
             model.backbone.tokens.weight.mul_(-1.5)
+            for layer in model.backbone.decoder.layers:
+                layer.ff.down.weight.mul_(-1)
         got = [e.token for e in engine.submit(prompts[1], config).result()[1]]
         assert got == generate(model, [prompts[1]], config=config).tolist()[0]
         assert engine.stats["cached_prompt_tokens"] == 0
@@ -124,3 +128,5 @@ def test_no_reuse_without_the_cache_or_after_a_weight_change(llama_like):
         engine.close()
         with torch.no_grad():
             model.backbone.tokens.weight.copy_(saved)
+            for layer in model.backbone.decoder.layers:
+                layer.ff.down.weight.mul_(-1)
