@@ -75,16 +75,32 @@ class PackedLinears:
     def __len__(self) -> int:
         return len(self._packed)
 
-    def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
-        """The product of plain `Linear` modules, or None when this is not for packed weights
-        (another module such as LoRA's or int8's, another dtype or device, gradients)."""
-        if torch.is_grad_enabled() or any(type(m) is not Linear for m in modules) \
-                or not _cpu_fp32(x, modules[0].weight):
-            return None
+    def pack_all(self, model: nn.Module) -> None:
+        """Pack every weight a pass will ask for now (q/k/v stacked as `QKV.project` asks), so
+        that the first request does not wait for it."""
+        from lmforge.nn.attention import QKV
+        stacked = set()
+        for m in model.modules():
+            if isinstance(m, QKV) and all(type(x) is Linear for x in (m.q, m.k, m.v)):
+                self._entry((m.q, m.k, m.v))
+                stacked.update(map(id, (m.q, m.k, m.v)))
+        for m in model.modules():
+            if type(m) is Linear and id(m) not in stacked:
+                self._entry((m,))
+
+    def _entry(self, modules: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = tuple(map(id, modules))
         entry = self._packed.get(key)
         if entry is None:
             w = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
             b = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
             entry = self._packed[key] = (_pack(w.contiguous(), self.rows), b)
-        return _packed_product(x, *entry)
+        return entry
+
+    def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+        """The product of plain `Linear` modules, or None when this is not for packed weights
+        (another module such as LoRA's or int8's, another dtype or device, gradients)."""
+        if torch.is_grad_enabled() or any(type(m) is not Linear for m in modules) \
+                or not _cpu_fp32(x, modules[0].weight):
+            return None
+        return _packed_product(x, *self._entry(modules))

@@ -81,9 +81,19 @@ class Batch:
                      and packing_pays(cfg.d_model, cfg.d_ff, min(self.max_batch, 16)))
         self._packed: PackedLinears | None = None
         self._version: tuple | None = None  # weights_version when the packed weights and prefix cache were made
+        if self.pack:  # now, not at the first request
+            self._repack()
         self.cache = SlotCache.for_model(cfg, bb.tokens.weight.dtype, bb.tokens.weight.device)
         self.seqs: list[Seq] = []
         self.logits: torch.Tensor | None = None  # (n, V) next-token logits of each running row
+
+    def _repack(self) -> None:
+        self._version = weights_version(self.model)
+        self._packed = None
+        if self.pack:
+            self._packed = PackedLinears(self.max_batch)
+            with torch.inference_mode():
+                self._packed.pack_all(self.model)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -101,12 +111,10 @@ class Batch:
         the padding after it)."""
         if not self.seqs:  # a new busy period: weights may have changed since the last one
             self.cache.rel_bias = None
-            version = weights_version(self.model)
-            if version != self._version:
-                self._version = version
+            if weights_version(self.model) != self._version:
                 if self.prefix is not None:
                     self.prefix.clear()
-                self._packed = PackedLinears(self.max_batch) if self.pack else None
+                self._repack()
             self.cache.blocks = self._packed if self._packed is not None else RowBlocks()
         found = sorted(((req, p, *(self.prefix.match(p.ids[0].tolist()) if self.prefix is not None else (0, None)))
                         for req, p in reqs), key=lambda r: r[2])

@@ -38,5 +38,23 @@ def test_not_for_gradients_other_modules_or_dtypes():
         assert len(packed) == 0
 
 
+def test_pack_all_packs_what_the_passes_ask_for():
+    from lmforge.config import ModelConfig
+    from lmforge.models.heads import Model
+    model = Model(ModelConfig(family="decoder", vocab_size=40, d_model=16, n_heads=2, n_decoder_layers=2, d_ff=24,
+                              max_len=16, activation="swiglu", norm="rmsnorm", position="rope")).eval()
+    packed = PackedLinears(rows=4)
+    with torch.inference_mode():
+        packed.pack_all(model)
+        n = len(packed)
+        assert n == 2 * (1 + 1 + 3)  # per layer: q/k/v stacked, o, up, gate, down
+        want = model.backbone.decode(torch.tensor([[1, 2, 3]]))
+        from lmforge.nn.attention import KVCache
+        cache = KVCache.for_model(model.cfg, 1, 16)
+        cache.blocks = packed
+        assert torch.allclose(model.backbone.decode(torch.tensor([[1, 2, 3]]), cache=cache), want, atol=1e-5)
+        assert len(packed) == n  # nothing packed on the way
+
+
 def test_packing_pays_answers_a_bool():
     assert packing_pays(64, 128, 4, repeats=2) in (True, False)
