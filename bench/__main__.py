@@ -52,9 +52,9 @@ def versions() -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("group", nargs="?", default="all", choices=["all", *GROUPS, *ALIASES, "ceilings"])
-    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 training step per repeat, 32 chat tokens, 4 requests per serve level: "
-                    "under 10 minutes on 2 cores before group serve was added (fewer repeats than a published "
-                    "figure needs)")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, 1 training step per repeat, 32 chat tokens, "
+                    "serve levels 1 and 16 with 4 requests at least: for a check within 10 minutes on 2 cores "
+                    "(fewer repeats than a published figure needs)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the machinery only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every contender (all cores)")
     ap.add_argument("--repeats", type=int, help="timed repeats after warm-up (default 5; --quick 2)")
