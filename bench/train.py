@@ -2,7 +2,8 @@
 
 The HF setup worker saves each random seeded model; both contenders load the same weights
 and run AdamW (lr 1e-4, weight decay 0.01) on the same fixed batch, one repeat being a few
-steps. MFU: FLOPs of one step (torch's FLOP counter on HF's step: matmuls and attention,
+steps; lmforge's is the one its training loop makes (no decay on biases, norms and
+embeddings; fused kernel). MFU: FLOPs of one step (torch's FLOP counter on HF's step: matmuls and attention,
 forward and backward) × steps/s ÷ the measured matmul ceiling of that dtype.
 
     GPT-2-like  6 layers × 384, 6 heads, vocab 8192, batch 8 × 256        causal LM

@@ -6,6 +6,8 @@ tensors; the keys the model takes (`input_ids`, `attention_mask`, `token_type_id
 rest are targets. Targets use -100 for "not a target", as `F.cross_entropy` ignores.
 `loss` is what is optimised (label-smoothed when asked); `metrics` are detached 0-d
 tensors: always `loss`, plus `nll` (plain cross-entropy, for perplexity) and accuracies.
+The token objectives (causal LM, MLM, seq2seq) ask the model for the logits of the positions
+that have a target only (`logits_at`): BERT's MLM reads ~15% of them.
 
 Options such as label smoothing are keyword arguments; bind them with
 `functools.partial` or `get_objective(name, label_smoothing=0.1)`.
@@ -31,12 +33,22 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
 
 
+def _target_logits(model, inputs: dict, targets: torch.Tensor) -> tuple:
+    """(the model's output, with token logits (N, V) at the N positions whose target (B, T) is not
+    -100; those N targets). The model computes no other position's logits (`logits_at` of
+    lmforge.models.heads.Model): each would cost a product with the whole vocabulary."""
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.any()):
+        raise ValueError("the batch has no target tokens (every label is -100)")
+    if bool(keep.all()):  # every position: logits (B, T, V), no gather
+        return model(**inputs), targets
+    return model(**inputs, logits_at=keep), targets[keep]
+
+
 def _token_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, dict]:
     """Mean CE over targets != -100: logits (..., V), targets (...). Returns (loss, {nll, acc})."""
     logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V); float32 even under bf16 autocast
     targets = targets.reshape(-1)  # (N,)
-    if not bool((targets != IGNORE_INDEX).any()):
-        raise ValueError("the batch has no target tokens (every label is -100)")
     nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     loss = nll if not label_smoothing else F.cross_entropy(
         logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
@@ -53,14 +65,14 @@ def causal_lm(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.T
     targets[:, t] is the token after input_ids[:, t] (nanoGPT's (x, y)). Without `targets`, the
     inputs are shifted: position t predicts input_ids[:, t + 1], padding (mask 0) excluded.
     """
-    logits = model(**_inputs(batch))  # (B, T, V)
     if "targets" in batch:
         targets = batch["targets"]
-    else:
-        targets = batch["input_ids"][:, 1:]
+    else:  # position t predicts input t + 1; the last position predicts nothing
+        ids = batch["input_ids"]
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
         if batch.get("attention_mask") is not None:
-            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
-        logits = logits[:, :-1]
+            targets = targets.masked_fill(batch["attention_mask"].roll(-1, dims=1) == 0, IGNORE_INDEX)
+    logits, targets = _target_logits(model, _inputs(batch), targets)
     loss, m = _token_ce(logits, targets, label_smoothing)
     return loss, {"loss": loss.detach(), "nll": m["nll"], "acc": m["acc"]}
 
@@ -71,8 +83,8 @@ def _mlm_logits(out):
 
 def masked_lm(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Masked-token prediction (BERT): CE over positions where `labels` (B, T) != -100."""
-    logits = _mlm_logits(model(**_inputs(batch)))  # (B, T, V)
-    loss, m = _token_ce(logits, batch["labels"], label_smoothing)
+    out, targets = _target_logits(model, _inputs(batch), batch["labels"])
+    loss, m = _token_ce(_mlm_logits(out), targets, label_smoothing)
     return loss, {"loss": loss.detach(), "nll": m["nll"], "mlm_acc": m["acc"]}
 
 
@@ -82,8 +94,8 @@ def mlm_nsp(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Ten
     batch: `labels` (B, T) as for `masked_lm`, `next_sentence_label` (B,) with 0 = IsNext, 1 = NotNext.
     `nll` is the MLM part alone, so its exp is the MLM perplexity.
     """
-    mlm_logits, nsp_logits = model(**_inputs(batch))  # (B, T, V), (B, 2)
-    mlm_loss, m = _token_ce(mlm_logits, batch["labels"], label_smoothing)
+    (mlm_logits, nsp_logits), targets = _target_logits(model, _inputs(batch), batch["labels"])  # (N, V), (B, 2)
+    mlm_loss, m = _token_ce(mlm_logits, targets, label_smoothing)
     nsp_target = batch["next_sentence_label"]
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_target)
     loss = mlm_loss + nsp_loss
@@ -113,8 +125,8 @@ def seq2seq(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Ten
             raise ValueError("seq2seq: the model config has no decoder_start_id and the batch no decoder_input_ids")
         pad = cfg.pad_id if cfg.pad_id is not None else cfg.decoder_start_id
         batch = {**batch, "decoder_input_ids": shift_right(batch["labels"], cfg.decoder_start_id, pad)}
-    logits = model(**_inputs(batch))  # (B, T, V)
-    loss, m = _token_ce(logits, batch["labels"], label_smoothing)
+    logits, targets = _target_logits(model, _inputs(batch), batch["labels"])
+    loss, m = _token_ce(logits, targets, label_smoothing)
     return loss, {"loss": loss.detach(), "nll": m["nll"], "acc": m["acc"]}
 
 

@@ -107,6 +107,49 @@ def test_classification_and_span_qa_match_hf(tmp_path):
     assert set(m) == {"loss", "start_acc", "end_acc", "span_acc"}
 
 
+def _full_logits_loss(logits, targets):
+    """The reference: logits at every position, -100 targets ignored by F.cross_entropy."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "masked_lm"])
+def test_logits_only_at_target_positions_same_loss_and_gradients(kind):
+    """The objective asks the model for the target positions' logits only (the head sees N rows),
+    and loss and gradients equal those of full logits with -100 targets ignored."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 40, (3, 10), generator=g)
+    if kind == "causal_lm":
+        model = Model(ModelConfig.preset("gpt-tiny", vocab_size=40, max_len=16))
+        mask = torch.ones_like(ids)
+        mask[2, 6:] = 0
+        batch, head = {"input_ids": ids, "attention_mask": mask}, model.lm_head
+        targets = torch.cat([ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX),
+                             torch.full((3, 1), IGNORE_INDEX)], dim=1)
+        reference = lambda: model(ids, attention_mask=mask)  # noqa: E731
+    else:
+        model = Model(ModelConfig.preset("bert-tiny", task="mlm", pooler=False, vocab_size=40))
+        targets = torch.full_like(ids, IGNORE_INDEX)
+        targets[:, 3], targets[1, 7] = ids[:, 3], ids[1, 7]
+        batch, head = {"input_ids": ids, "labels": targets}, model.mlm_head
+        reference = lambda: model(ids)  # noqa: E731
+    rows = []
+    hook = head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    loss, _ = OBJECTIVES[kind](model, batch)
+    hook.remove()
+    assert rows == [int((targets != IGNORE_INDEX).sum())]
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected_loss = _full_logits_loss(reference(), targets)
+    want = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(loss, expected_loss, atol=1e-6)
+    for a, e in zip(got, want):
+        assert (a is None) == (e is None) and (a is None or torch.allclose(a, e, atol=1e-6))
+    with pytest.raises(ValueError, match="logits_at applies to the tasks lm, mlm and pretraining"):
+        Model(ModelConfig.preset("bert-tiny", task="classify", num_labels=2, vocab_size=40))(
+            ids, logits_at=targets != IGNORE_INDEX)
+
+
 def test_label_smoothing_is_optimised_but_nll_is_reported():
     torch.manual_seed(0)
     model = Model(ModelConfig.preset("gpt-tiny", vocab_size=50, max_len=16))

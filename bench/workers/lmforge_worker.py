@@ -12,6 +12,8 @@ from lmforge.generate import GenerationConfig, generate
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import LMHead
 from lmforge.objectives import causal_lm, masked_lm, seq2seq
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import make_optimizer
 
 OBJECTIVES = {"gpt2": causal_lm, "bert": masked_lm, "t5": seq2seq}
 _models: dict = {}
@@ -61,10 +63,11 @@ def _load(path: str, int8: bool = False, quantize: str | None = None):
 
 
 def train(dir: str, family: str, batch: dict, dtype: str, steps: int, tokens: int):
-    """AdamW (lr 1e-4, weight decay 0.01) steps on one fixed batch through lmforge's objective."""
+    """AdamW (lr 1e-4, weight decay 0.01, torch's betas) steps on one fixed batch through lmforge's
+    objective, with the optimizer the training loop makes (its parameter groups, fused kernel)."""
     model = load_hf(dir).train()
     b = {k: torch.tensor(v) for k, v in batch.items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.01, beta2=0.999), torch.device("cpu"))
     objective = OBJECTIVES[family]
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 

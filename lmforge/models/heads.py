@@ -1,8 +1,8 @@
 """Task heads over the shared backbone and `Model`, the one module a checkpoint holds.
 
-`forward` returns tensors: LM/MLM logits (B, T, V); pretraining (MLM logits, NSP
-logits (B, 2)); classify logits (B, num_labels); qa (start, end) logits (B, T) each;
-embed sentence vectors (B, d).
+`forward` returns tensors: LM/MLM logits (B, T, V), or (N, V) for the N positions of
+`logits_at`; pretraining (MLM logits, NSP logits (B, 2)); classify logits (B, num_labels); qa
+(start, end) logits (B, T) each; embed sentence vectors (B, d).
 """
 
 from __future__ import annotations
@@ -119,24 +119,31 @@ class Model(nn.Module):
                          attention_mask=decoder_attention_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM logits (B, T, V) from top hidden states."""
+        """LM logits (..., V) from top hidden states (..., d)."""
         return self.lm_head(hidden, self.backbone.tokens)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
-                decoder_attention_mask=None, position_ids=None):
+                decoder_attention_mask=None, position_ids=None, logits_at=None):
+        """logits_at: a bool (B, T) mask over the positions of the top stack (the decoder's in an
+        encoder-decoder): the LM or MLM logits of those positions only, as (N, V) in row-major
+        order. An objective passes the positions that have a target: every other position would
+        cost a product with the whole vocabulary (BERT's MLM reads ~15% of them)."""
         t = self.cfg.task
+        if logits_at is not None and t not in ("lm", "mlm", "pretraining"):
+            raise ValueError(f"logits_at applies to the tasks lm, mlm and pretraining; this model's task is {t!r}")
         if t == "embed" and self.cfg.family == "encoder-decoder":
             check_token_ids(input_ids, self.cfg.vocab_size)
             h = self.backbone.encode(input_ids, attention_mask)
         else:
             h = self.hidden(input_ids, attention_mask, token_type_ids, decoder_input_ids,
                             decoder_attention_mask, position_ids)
+        at = h if logits_at is None else h[logits_at]
         if t == "lm":
-            return self.logits(h)
+            return self.logits(at)
         if t == "mlm":
-            return self.mlm_head(h, self.backbone.tokens)
+            return self.mlm_head(at, self.backbone.tokens)
         if t == "pretraining":
-            return self.mlm_head(h, self.backbone.tokens), self.nsp_head(self.backbone.pool(h))
+            return self.mlm_head(at, self.backbone.tokens), self.nsp_head(self.backbone.pool(h))
         if t == "qa":
             start, end = self.qa_head(h).unbind(-1)
             return start, end

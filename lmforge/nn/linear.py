@@ -1,7 +1,7 @@
 """Linear layers and the GEMM kernels behind them.
 
-    fast_linear   y = x W^T + b through oneDNN on CPU in float32 (~2x MKL on AMD CPUs), with
-                  its own backward; F.linear everywhere else
+    fast_linear   y = x W^T + b: without gradients through oneDNN on CPU in float32; F.linear
+                  (MKL forward and backward) when training and everywhere else
     Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
     RowBlocks     the small weights of one generation laid out for products of a few rows
     linear        module(x), through a generation's RowBlocks when they hold the module
@@ -15,8 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# oneDNN's fp32 GEMM is ~2x faster than MKL's on AMD CPUs (bench/README.md), forward and
-# backward. Off with LMFORGE_ONEDNN=0; any other device or dtype uses F.linear.
+# Inference (no gradients) on CPU in float32 goes through oneDNN; off with LMFORGE_ONEDNN=0.
+# Training does not: on a 2-core AVX2 EPYC oneDNN's products were no faster than MKL's forward
+# and 1.3-2x slower backward (dx and dW need transposed copies of W, dy and x), and choosing
+# per shape by measurement would make a run's bits depend on the timings of its process (a
+# run resumed in a new process must give the weights of an uninterrupted one, bit for bit).
 _ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -25,36 +28,16 @@ def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-class _DNNLinear(torch.autograd.Function):
-    """y = x W^T + b with oneDNN; backward: dx = dy W, dW = dy^T x, db = sum dy."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return _dnn(x, w, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
-        dx = _dnn(dy2, w.t().contiguous(), None).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = _dnn(dy2.t().contiguous(), x2.t().contiguous(), None) if ctx.needs_input_grad[1] else None
-        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
-
-
 def _cpu_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN on CPU in float32."""
-    if not _cpu_fp32(x, w):
-        return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return _DNNLinear.apply(x, w, b)
+    """F.linear; through oneDNN on CPU in float32 when no gradient is wanted."""
+    if not _cpu_fp32(x, w) or (torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))):
+        return F.linear(x, w, b)  # training, autocast and torch.compile see the ordinary op
     return _dnn(x, w, b)
 
 
