@@ -94,9 +94,17 @@ def test_server_holds_under_load_and_faults(server):
     url, proc = server
     want = {p: httpx.post(url + "/v1/completions", json=_body(p, stream=False), timeout=60).json()["choices"][0]["text"]
             for p in PROMPTS}
-    for _ in range(3):  # warm up: the baseline is a server that has served
+    for _ in range(3):
         for p in PROMPTS:
             httpx.post(url + "/v1/completions", json=_body(p, stream=False), timeout=60)
+
+    async def wave(n):  # n concurrent streams, all within the queue
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=n)) as client:
+            return await asyncio.gather(*[_stream(client, url, PROMPTS[i % len(PROMPTS)]) for i in range(n)])
+
+    # warm up: the baseline is a server that has served full batches (its thread pool, allocator
+    # arenas and buffers at their working size); a leak shows as growth beyond it
+    assert all(s == 200 for s, _, _ in asyncio.run(wave(64)))
     baseline = _rss_kib(proc.pid)
     figures = {"served": 0, "refused": 0, "disconnected": 0, "slow": 0, "oversized": 0}
 
