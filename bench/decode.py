@@ -63,7 +63,8 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
         lineup = Lineup(settings)
         ckpt = ckpts[name]
         workers = {"lmforge": ("lmforge_worker", "torch"), "HF": ("hf", "transformers"), "CT2": ("ct2", "ctranslate2"),
-                   "lmforge int8": ("lmforge_worker", "torch"), "CT2 int8": ("ct2", "ctranslate2")}
+                   "lmforge int8": ("lmforge_worker", "torch"), "CT2 int8": ("ct2", "ctranslate2"),
+                   "lmforge compiled": ("lmforge_worker", "torch")}
         ct2_dir = None
         if installed("ctranslate2"):
             ct2_dir = convert_ct2(ckpt, os.path.join(settings.tmp, f"decode-{name}-ct2"), settings)
@@ -78,20 +79,25 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                 common = dict(prompts=prompts(b, config["vocab_size"]), new_tokens=new, **kw)
                 t5 = family == "t5"
                 fp32 = [lineup.prepare("lmforge", "lmforge", case, "decode", dir=ckpt, **common),
+                        lineup.prepare("lmforge compiled", "lmforge compiled", case, "decode", dir=ckpt,
+                                       compile=True, **common),
                         lineup.prepare("HF", "HF", case, "decode", dir=ckpt, family=family, **common),
                         lineup.prepare("CT2", "CT2", case, "decode", path=ct2_dir, seq2seq=t5, **common)]
                 int8 = [lineup.prepare("lmforge int8", "lmforge int8", case, "decode", dir=ckpt, int8=True, **common),
+                        lineup.prepare("lmforge int8 compiled", "lmforge compiled", case, "decode", dir=ckpt,
+                                       int8=True, compile=True, **common),
                         lineup.prepare("CT2 int8", "CT2 int8", case, "decode", path=ct2_dir, seq2seq=t5,
                                        compute_type="int8_float32", **common)]
-                for dtype, cs, subject in (("fp32", fp32, "lmforge"), ("int8", int8, "lmforge int8")):
+                for dtype, cs, subjects in (("fp32", fp32, ["lmforge", "lmforge compiled"]),
+                                            ("int8", int8, ["lmforge int8", "lmforge int8 compiled"])):
                     cs = [c for c in cs if c is not None]
                     weight_bytes = next((c.info["weight_bytes_per_step"] for c in cs
                                          if "weight_bytes_per_step" in c.info), None)
                     for c in cs:
                         c.limit_pct = _read_share(weight_bytes, b, bandwidth)
-                    labels = ["lmforge", "HF", "CT2"] if dtype == "fp32" else ["lmforge int8", "CT2 int8"]
+                    labels = [*subjects, "HF", "CT2"] if dtype == "fp32" else [*subjects, "CT2 int8"]
                     measured.append(compare(
-                        settings, "decode", label, f"{case} {dtype}", "tok/s", [subject], cs,
+                        settings, "decode", label, f"{case} {dtype}", "tok/s", subjects, cs,
                         limit="weights read per step x steps/s (% of read bandwidth)",
                         missing=lineup.missing_of(labels), prompt_tokens=PROMPT, new_tokens=new,
                         weight_bytes_per_step=weight_bytes))

@@ -2,6 +2,7 @@
 is being reworked, and `lmforge_generate` below is the one place to adapt."""
 
 import contextlib
+import time
 
 import torch
 
@@ -19,12 +20,13 @@ OBJECTIVES = {"gpt2": causal_lm, "bert": masked_lm, "t5": seq2seq}
 _models: dict = {}
 
 
-def lmforge_generate(model, ids: torch.Tensor, new_tokens: int, num_beams: int = 1, top_k: int | None = None):
+def lmforge_generate(model, ids: torch.Tensor, new_tokens: int, num_beams: int = 1, top_k: int | None = None,
+                     compile: bool = False):
     """Exactly new_tokens per prompt (no EOS): greedy, beam search (num_beams > 1) or top-k
-    sampling (seeded). Returns the number of new tokens of the answers."""
+    sampling (seeded), with the compiled step if asked. Returns the number of new tokens of the answers."""
     strategy = "beam" if num_beams > 1 else "sample" if top_k else "greedy"
     config = GenerationConfig(max_new_tokens=new_tokens, strategy=strategy, num_beams=num_beams, top_k=top_k or 0,
-                              seed=0 if top_k else None)
+                              seed=0 if top_k else None, compile=compile)
     out = generate(model, ids, attention_mask=torch.ones_like(ids), config=config, eos_ids=[])
     return float(sum(len(row) for row in out.tolist()))
 
@@ -89,14 +91,23 @@ def train(dir: str, family: str, batch: dict, dtype: str, steps: int, tokens: in
 
 
 def decode(dir: str, prompts: list[list[int]], new_tokens: int, num_beams: int = 1, top_k: int | None = None,
-           int8: bool = False):
+           int8: bool = False, compile: bool = False):
     model, _ = _load(dir, int8)
     ids = torch.tensor(prompts)
 
     def run():
         with torch.inference_mode():
-            return lmforge_generate(model, ids, new_tokens, num_beams, top_k)
-    return run, {"weight_bytes_per_step": weight_bytes_per_step(model)}
+            return lmforge_generate(model, ids, new_tokens, num_beams, top_k, compile)
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), **_compiled_first(run, compile)}
+
+
+def _compiled_first(run, compile: bool) -> dict:
+    """With the compiled step: run once now, and report how long that took (it compiles)."""
+    if not compile:
+        return {}
+    start = time.perf_counter()
+    run()
+    return {"first_call_s": round(time.perf_counter() - start, 1)}
 
 
 def chat_prompt(gguf: str, text: str, repeat: int = 1):
@@ -111,16 +122,17 @@ def chat_prompt(gguf: str, text: str, repeat: int = 1):
                            "matmul_params": matmul_params}
 
 
-def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quantize: str | None = None):
+def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quantize: str | None = None,
+         compile: bool = False):
     """Batch-1 greedy decoding of exactly new_tokens (new_tokens=1: prompt processing)."""
     model, _ = _load(gguf, int8, quantize)
     ids = torch.tensor([prompt])
 
     def run():
         with torch.inference_mode():
-            n = lmforge_generate(model, ids, new_tokens)
+            n = lmforge_generate(model, ids, new_tokens, compile=compile)
         return n if new_tokens > 1 else float(len(prompt))
-    return run, {"weight_bytes_per_step": weight_bytes_per_step(model)}
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), **_compiled_first(run, compile)}
 
 
 def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):

@@ -59,6 +59,9 @@ class GenerationConfig:
                                   "step (same text, faster when it repeats)"))
     truncate: bool = field(default=False, metadata=_help("keep the last tokens of a prompt too long for the "
                                                          "model's context instead of failing"))
+    compile: bool = field(default=False, metadata=_help("decode with a compiled step (torch.compile): the first "
+                                                        "generation of each batch size and length compiles it "
+                                                        "(seconds to minutes), later ones run faster"))
 
     def __post_init__(self):
         if isinstance(self.stop, str) or isinstance(self.stop, list):
@@ -95,8 +98,12 @@ class GenerationConfig:
                                    or self.min_new_tokens or self.repetition_penalty != 1.0):
             raise ValueError("prompt_lookup works with greedy decoding of one prompt, without stop strings, "
                              "min_new_tokens, repetition penalty or no_repeat_ngram_size")
-        if not isinstance(self.truncate, bool):
-            raise ValueError(f"truncate must be True or False, got {self.truncate!r}")
+        if self.compile and self.prompt_lookup:
+            raise ValueError("compile and prompt_lookup do not go together: prompt lookup checks several "
+                             "tokens a step, which runs eagerly")
+        for name in ("truncate", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def beams(self) -> int:

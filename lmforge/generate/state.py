@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.generate.compiled import bucket_length, compiled_step
 from lmforge.generate.config import GenerationConfig
 from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
@@ -203,53 +204,81 @@ class DecoderState:
     left-padded decoder batches the growing attention mask and the next position of each
     row (HF: position = cumsum(mask) - 1)."""
 
-    def __init__(self, model, cache: KVCache, memory=None, memory_mask=None, mask=None, positions=None):
+    def __init__(self, model, cache: KVCache, memory=None, memory_mask=None, mask=None, positions=None,
+                 compiled: bool = False):
         self.model, self.cache = model, cache
         self.memory, self.memory_mask = memory, memory_mask  # (B, S, d), (B, S) or None
-        self.mask = mask  # (B, prompt + max_new) 1 for real tokens, or None when unpadded
+        self.mask = mask  # (B, cache length) 1 for real tokens, or None when unpadded
         self.positions = positions  # (B, 1) position of the next token, or None when unpadded
+        self.compiled = compiled  # steps through `compiled_step` (after the first, for encoder-decoders)
 
     @classmethod
     @torch.inference_mode()
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                max_new_tokens: int) -> tuple[DecoderState, torch.Tensor]:
+                max_new_tokens: int, compiled: bool = False) -> tuple[DecoderState, torch.Tensor]:
         """Run the prompt (decoder) or encode the source and feed the start token (encoder-decoder).
 
         input_ids (B, S) as `prepare_prompts` returns them. Returns the state and the logits
-        (B, V) of the first new token.
+        (B, V) of the first new token. compiled=True: the steps after that go through
+        `lmforge.generate.compiled` (the prompt itself runs eagerly).
         """
         cfg, bb = model.cfg, model.backbone
         B, S = input_ids.shape
         dtype, dev = bb.tokens.weight.dtype, input_ids.device
         blocks = RowBlocks()  # this generation's: made on first use, dropped with the state
-        if cfg.family == "encoder-decoder":
+        seq2seq = cfg.family == "encoder-decoder"
+        length = max_new_tokens + 1 if seq2seq else S + max_new_tokens
+        if compiled:  # a length that later generations share (one compiled graph per length)
+            length = bucket_length(length, cfg.max_len)
+        cache = KVCache.for_model(cfg, B, length, dtype, dev, blocks, per_layer=compiled)
+        if seq2seq:
             if cfg.decoder_start_id is None:
                 raise ValueError("ModelConfig.decoder_start_id is needed to generate with an encoder-decoder")
             memory = bb.encode(input_ids, attention_mask)  # (B, S, d)
-            cache = KVCache.for_model(cfg, B, max_new_tokens + 1, dtype, dev, blocks)
             state = cls(model, cache, memory, attention_mask)
             start = torch.full((B,), cfg.decoder_start_id, dtype=torch.long, device=dev)
-            return state, state.step(start)
-        cache = KVCache.for_model(cfg, B, S + max_new_tokens, dtype, dev, blocks)
+            logits = state.step(start)  # eager: it projects the encoder memory for cross-attention
+            state.compiled = compiled
+            return state, logits
         if attention_mask is None:
-            state, positions = cls(model, cache), None
+            state, positions = cls(model, cache, compiled=compiled), None
         else:
-            mask = torch.ones(B, S + max_new_tokens, dtype=torch.long, device=dev)
+            mask = torch.ones(B, length, dtype=torch.long, device=dev)
             mask[:, :S] = attention_mask
             positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, S)
-            state = cls(model, cache, mask=mask, positions=positions[:, -1:] + 1)
+            state = cls(model, cache, mask=mask, positions=positions[:, -1:] + 1, compiled=compiled)
         hidden = bb.decode(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
         return state, model.logits(hidden[:, -1:])[:, 0].float()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
+        if self.compiled:
+            return self._compiled_step(tokens)
         cache, mask = self.cache, self.mask
         hidden = self.model.backbone.decode(
             tokens.view(-1, 1), memory=self.memory, memory_mask=self.memory_mask,
             attention_mask=None if mask is None else mask[:, :cache.pos + 1],
             position_ids=self.positions, cache=cache)  # (B, 1, d)
         logits = self.model.logits(hidden)[:, 0].float()
+        if self.positions is not None:
+            self.positions = self.positions + 1
+        return logits
+
+    def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache, B = self.cache, tokens.shape[0]
+        tokens = tokens.to(torch.long).clone()  # always the same kind of input (an inference tensor)
+        at = torch.tensor(cache.pos, device=tokens.device)
+        positions = self.positions if self.positions is not None else at.view(1, 1).expand(B, 1)
+        key_mask = self.mask  # None: nothing padded, every column is a real token once written
+        if key_mask is None:
+            key_mask = torch.ones(B, cache.max_len, dtype=torch.long, device=tokens.device)
+        memory = self.memory
+        shape = (B, cache.max_len, None if memory is None else tuple(memory.shape), self.memory_mask is None)
+        step = compiled_step(self.model, shape)
+        logits = step(cache.kv, at, tokens, positions, key_mask, memory, self.memory_mask,
+                      cache.cross, cache.rel_bias)
+        cache.pos += 1
         if self.positions is not None:
             self.positions = self.positions + 1
         return logits

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import ModelConfig
-from lmforge.nn.attention import Attention, KVCache, additive_mask
+from lmforge.nn.attention import Attention, KVCache, StaticKV, additive_mask
 from lmforge.nn.layers import FeedForward, RelativeBias, Rotary, make_norm, sinusoidal_table
 from lmforge.nn.linear import Linear
 
@@ -92,10 +92,12 @@ class Stack(nn.Module):
 
         attention_mask (B, T_total) marks real tokens (1) and padding (0); with a cache
         T_total covers the cached positions too. position_ids (B, T) default to
-        offset + arange(T) where offset is the number of cached positions.
+        offset + arange(T) where offset is the number of cached positions. A `StaticKV` cache
+        (a compiled step) needs both: the mask over all its columns, and the positions.
         """
         B, T, _ = x.shape
-        offset = cache.pos if cache is not None else 0
+        static = isinstance(cache, StaticKV)  # a compiled step: positions and mask given, all columns seen
+        offset = (cache.max_len - T if static else cache.pos) if cache is not None else 0
         if offset + T > self.cfg.max_len and self.rope is None and self.rel_bias is None:
             raise ValueError(f"sequence of {offset + T} positions exceeds the model's max_len={self.cfg.max_len}")
         if self.embed_scale != 1.0:
@@ -127,7 +129,7 @@ class Stack(nn.Module):
             else:  # decoding: slices of one table over every distance, computed once per generation
                 if cache.rel_bias is None:
                     cache.rel_bias = self.rel_bias.table(cache.max_len)
-                bias = self.rel_bias.from_table(cache.rel_bias, T, k_len, offset)
+                bias = self.rel_bias.from_table(cache.rel_bias, T, k_len, cache.at if static else offset)
         simple_causal = self.causal and attention_mask is None and bias is None and offset == 0
         if T == 1 and attention_mask is None:  # one new token, nothing padded: it sees every key
             mask = None if bias is None else bias.to(x.dtype)
@@ -144,7 +146,7 @@ class Stack(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, is_causal=simple_causal, rope=rope, memory=memory,
                       memory_mask=mem_mask, cache=cache, layer=i)
-        if cache is not None:
+        if cache is not None and not static:
             cache.pos += T
         return self.norm(x) if self.norm is not None else x
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.nn.layers import apply_rotary
-from lmforge.nn.linear import Linear, RowBlocks, linear
+from lmforge.nn.linear import Linear, RowBlocks, TracedBlocks, linear
 
 
 class KVCache:
@@ -32,10 +32,15 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 blocks: RowBlocks | None = None):
-        # one buffer for every layer (one copy reorders them all); kv[layer] is a view of it
-        self.buf = torch.zeros(n_layers, 2, batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.kv = list(self.buf)
+                 blocks: RowBlocks | None = None, per_layer: bool = False):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        if per_layer:  # a tensor of its own for each layer's keys and values (what a compiled step writes in place)
+            self.buf = None
+            self.kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(n_layers)]
+        else:  # one buffer for every layer (one copy reorders them all); kv[layer] is a view of it
+            self.buf = torch.zeros(n_layers, 2, *shape, dtype=dtype, device=device)
+            self.kv = list(self.buf)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.rel_bias: torch.Tensor | None = None
         self.pos = 0  # number of positions already written
@@ -45,12 +50,13 @@ class KVCache:
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu",
-                  blocks: RowBlocks | None = None):
-        return cls(cfg.n_decoder_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, blocks)
+                  blocks: RowBlocks | None = None, per_layer: bool = False):
+        return cls(cfg.n_decoder_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, blocks,
+                   per_layer)
 
     @property
     def batch(self) -> int:
-        return self.buf.shape[2]
+        return self.kv[0][0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, KV, T, hd) of `layer` at [pos, pos+T); return its keys and values up to pos+T."""
@@ -58,10 +64,10 @@ class KVCache:
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        kv = self.kv[layer]
-        kv[0, :, :, self.pos:end] = k
-        kv[1, :, :, self.pos:end] = v
-        return kv[0, :, :, :end], kv[1, :, :, :end]
+        keys, values = self.kv[layer]
+        keys[:, :, self.pos:end] = k
+        values[:, :, self.pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Select batch rows (beam search): row i becomes old row index[i].
@@ -71,17 +77,45 @@ class KVCache:
         beam step cost more (allocation, page faults) than the decoding step itself.
         cross=False keeps the cross-attention k/v as they are (beams of one source share them).
         """
-        if index.numel() == self.batch:
+        if self.buf is None:  # per layer
+            self.kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv]
+        elif index.numel() == self.batch:
             if self._spare is None:
                 self._spare = torch.empty_like(self.buf)
             torch.index_select(self.buf[..., :self.pos, :], 2, index, out=self._spare[..., :self.pos, :])
             self.buf, self._spare = self._spare, self.buf
         else:  # the batch grows or shrinks: new buffers
             self.buf, self._spare = self.buf.index_select(2, index), None
-        self.kv = list(self.buf)
+        if self.buf is not None:
+            self.kv = list(self.buf)
         if cross:
             self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
                           for c in self.cross]
+
+
+class StaticKV:
+    """The view of a `KVCache` a compiled decoding step works on (`lmforge.generate.compiled`):
+    every shape fixed, whatever the position, so one compiled graph serves every step.
+
+    `kv` are the cache's keys and values, a (B, KV, max_len, hd) tensor of their own each
+    (`KVCache(per_layer=True)`: written in place by the compiled graph, where views of one
+    buffer would be copied whole). The step's token is written at column `at` (a (1,) long
+    tensor) and attention sees all max_len columns, the caller masking those not written yet
+    (`attention_mask`). The stack then takes its positions from `position_ids`, its relative
+    bias at offset `at`, and leaves `pos` alone.
+    """
+
+    def __init__(self, kv: list, at: torch.Tensor, cross: list, rel_bias: torch.Tensor | None,
+                 blocks: TracedBlocks | None = None):
+        self.kv, self.at, self.cross, self.rel_bias, self.blocks = kv, at, cross, rel_bias, blocks
+        self.max_len = kv[0][0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, 1, hd) of `layer` at column `at`; return all its keys and values."""
+        keys, values = self.kv[layer]
+        keys.index_copy_(2, self.at, k)
+        values.index_copy_(2, self.at, v)
+        return keys, values
 
 
 class SlotCache:

@@ -142,14 +142,15 @@ class RelativeBias(nn.Module):
         return F.embedding(self.bucket(rel), self.weight).t().contiguous()
 
     @staticmethod
-    def from_table(table: torch.Tensor, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+    def from_table(table: torch.Tensor, q_len: int, k_len: int, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """The (1, H, q_len, k_len) bias of `forward`, cut from `table(n)` (offset + q_len <= n)."""
         n = (table.shape[1] + 1) // 2
-        if q_len == 1:  # one query row: a slice, no gather
+        if q_len == 1 and isinstance(offset, int):  # one query row: a slice, no gather
             start = n - 1 - offset
             return table[None, :, None, start:start + k_len]
-        rel = torch.arange(k_len, device=table.device)[None, :] - torch.arange(offset, offset + q_len,
-                                                                               device=table.device)[:, None]
+        # offset may be a 0-d tensor (a compiled step, `StaticKV`)
+        queries = offset + torch.arange(q_len, device=table.device)
+        rel = torch.arange(k_len, device=table.device)[None, :] - queries[:, None]
         return table[:, rel + n - 1][None]
 
     def forward(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:

@@ -4,6 +4,7 @@
                   (MKL forward and backward) when training and everywhere else
     Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
     RowBlocks     the small weights of one generation laid out for products of a few rows
+    TracedBlocks  the same products for a compiled step, laid out by torch.compile's freezing
     linear        module(x), through a generation's RowBlocks when they hold the module
 """
 
@@ -99,26 +100,58 @@ class RowBlocks:
         entry = self._blocks.get(key)
         if entry is None:
             entry = self._blocks[key] = self._make(ws, bs)
-        wb, bb, (P, inp, cols) = entry
-        rows = x.numel() // inp
-        if wb is None or rows * P * cols * inp > self.max_elements:
+        wb, bb, shape = entry
+        if wb is None or x.numel() * wb.numel() // shape[1] > self.max_elements:
             return None
-        x3 = x.reshape(1, rows, inp).expand(P, rows, inp)
-        y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
-        y = y.view(rows, P * cols) if rows == 1 else y.transpose(0, 1).reshape(rows, P * cols)
-        return y.view(*x.shape[:-1], P * cols)
+        return block_product(x, wb, bb)
 
     def _make(self, ws, bs) -> tuple:
         """(blocks of [W...]^T or None, bias blocks or None, (P, in, out/P))."""
         out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
         P = self.parts if out % self.parts == 0 else 1
-        wb = bb = None  # too large even for one row: nothing, only the shape
-        if out * inp <= self.max_elements:
-            # one weight: a view (no copy; MKL reads the transposed blocks as fast); stacked: one copy
-            w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
-            wb = w.view(P, out // P, inp).transpose(1, 2)
-            bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
-        return wb, bb, (P, inp, out // P)
+        if out * inp > self.max_elements:  # too large even for one row: nothing, only the shape
+            return None, None, (P, inp, out // P)
+        return (*weight_blocks(ws, bs, self.parts), (P, inp, out // P))
+
+
+def weight_blocks(ws, bs, parts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[W_1; W_2; ...]^T as P = `parts` column blocks (P, in, out/P) (P = 1 when out is not a
+    multiple), and the biases as (P, 1, out/P) or None. One weight: a view (no copy; MKL reads
+    the transposed blocks as fast); stacked: one copy."""
+    out, inp = sum(w.shape[0] for w in ws), ws[0].shape[1]
+    P = parts if out % parts == 0 else 1
+    w = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach().contiguous()
+    wb = w.view(P, out // P, inp).transpose(1, 2)
+    bb = None if bs[0] is None else torch.cat([b.detach() for b in bs]).view(P, 1, out // P)
+    return wb, bb
+
+
+def block_product(x: torch.Tensor, wb: torch.Tensor, bb: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b as one batched GEMM over the column blocks of `weight_blocks`: (..., in) → (..., out)."""
+    P, inp, cols = wb.shape
+    rows = x.numel() // inp
+    x3 = x.reshape(1, rows, inp).expand(P, rows, inp)
+    y = torch.bmm(x3, wb) if bb is None else torch.baddbmm(bb, x3, wb)  # (P, rows, out/P)
+    y = y.view(rows, P * cols) if rows == 1 else y.transpose(0, 1).reshape(rows, P * cols)
+    return y.view(*x.shape[:-1], P * cols)
+
+
+class TracedBlocks:
+    """RowBlocks' products for a compiled step (`lmforge.generate.compiled`): the same batched
+    GEMMs over column blocks, written as plain tensor ops on the weights with nothing cached,
+    so that torch.compile traces them and its freezing lays the blocks out once, as constants.
+    For plain `Linear` modules in float32 on CPU; anything else (int8, LoRA) returns None."""
+
+    def __init__(self, parts: int | None = None):
+        self.parts = parts if parts is not None else torch.get_num_threads()
+
+    def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+        if any(type(m) is not Linear for m in modules):
+            return None
+        w = modules[0].weight
+        if w.dtype != torch.float32 or w.device.type != "cpu":
+            return None
+        return block_product(x, *weight_blocks([m.weight for m in modules], [m.bias for m in modules], self.parts))
 
 
 def linear(module: nn.Module, x: torch.Tensor, blocks: RowBlocks | None = None) -> torch.Tensor:

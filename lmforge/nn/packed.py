@@ -12,7 +12,7 @@ the model's own shapes before the engine uses it. Values differ from the unpacke
 in the last bits only (another summation order).
 
 One `PackedLinears` serves while the weights do not change: the engine makes a new one when
-they do (`lmforge.serve.batch.weights_version`). LMFORGE_PACKED=0 turns packing off.
+they do (`lmforge.generate.compiled.weights_version`). LMFORGE_PACKED=0 turns packing off.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from lmforge.generate.config import FIELDS, GenerationConfig
 from lmforge.serve.engine import Engine, Limits
 from lmforge.serve.errors import Guard, bad_value, install_handlers
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.openai_schema import generate_request_model
+from lmforge.serve.openai_schema import SERVER_CHOSEN, generate_request_model
 from lmforge.serve.routes_openai import add_openai_routes
 from lmforge.serve.runner import EventStream, Server
 
@@ -95,7 +95,7 @@ def create_app(model_dir, *, model_name: str | None = None, api_key: str | None 
     @app.post("/v1/generate")
     async def generate(r: GenerateRequest, client: Request):
         with s.errors(r):
-            config = GenerationConfig(**{k: getattr(r, k) for k in FIELDS})
+            config = GenerationConfig(**{k: getattr(r, k) for k in FIELDS if k not in SERVER_CHOSEN})
         if r.stream and config.strategy == "beam":
             raise bad_value("beam search does not stream; send stream=false", "stream")
         ids = s.encode(r.prompt, "prompt")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.generate.compiled import weights_version
 from lmforge.generate.filters import SamplingParams, min_new_tokens_filter, sample_next
 from lmforge.generate.sampling import is_penalised, penalties
 from lmforge.generate.state import Prepared
@@ -56,12 +57,6 @@ class Seq:
         if self.hist is None:
             return self.prompt[:, :0]
         return self.hist[:, :self.prompt.shape[1] + self.t]
-
-
-def weights_version(model) -> tuple:
-    """Changes when any weight does: another tensor, or one written in place (torch counts each
-    tensor's in-place writes)."""
-    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 class Batch:

@@ -83,11 +83,18 @@ class EmbeddingsRequest(BaseModel):
     normalize: bool = True  # lmforge's own: unit-length vectors (cosine similarity = dot product)
 
 
+# options the server decides for every request, not a request: its engine batches the steps
+# of all running requests itself (`compile` applies to `generate` and `chat`)
+SERVER_CHOSEN = ("compile",)
+
+
 def generate_request_model():
     """The body of lmforge's own /v1/generate: a prompt, stream, and one field per
     `GenerationConfig` option (its type, default and help). GenerationConfig checks the values."""
     hints, fields = typing.get_type_hints(GenerationConfig), {}
     for f in dataclasses.fields(GenerationConfig):
+        if f.name in SERVER_CHOSEN:
+            continue
         kind, default = hints[f.name], f.default
         if typing.get_origin(kind) is tuple:
             kind, default = list[str], list(default)

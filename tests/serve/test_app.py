@@ -71,8 +71,10 @@ def test_generate_streams_the_same_text_and_options_matter(http, tiny_text_model
 
 def test_every_generation_option_is_a_generate_field(http):
     from lmforge.generate.config import FIELDS
+    from lmforge.serve.openai_schema import SERVER_CHOSEN
     schema = http.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
-    assert set(FIELDS) <= set(schema["properties"])
+    assert set(FIELDS) - set(SERVER_CHOSEN) <= set(schema["properties"])
+    assert not set(SERVER_CHOSEN) & set(schema["properties"])  # the server's choice, not a request's
 
 
 def test_long_prompts_are_refused_or_truncated(http, tiny_text_model):

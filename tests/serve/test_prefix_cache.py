@@ -55,7 +55,7 @@ def test_add_keeps_one_entry_per_line_of_prompts_and_evicts_the_least_recent():
 
 
 def test_weights_version_changes_with_any_weight():
-    from lmforge.serve.batch import weights_version
+    from lmforge.generate.compiled import weights_version
     model = Model(ModelConfig(family="decoder", vocab_size=50, d_model=16, n_heads=2, n_decoder_layers=1,
                               d_ff=16, max_len=32))
     before = weights_version(model)
