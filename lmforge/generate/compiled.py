@@ -24,6 +24,7 @@ import types
 import torch
 import torch.nn as nn
 
+from lmforge.models.int4 import concat_ok
 from lmforge.nn.attention import StaticKV
 from lmforge.nn.linear import TracedBlocks
 
@@ -70,6 +71,7 @@ def compiled_step(model: nn.Module, shape: tuple):
         kept = model.__dict__["_compiled_steps"] = (version, {})
     steps = kept[1]
     if shape not in steps:
+        concat_ok()  # measured now, eagerly: the trace reads its answer
         # a code object of its own: torch.compile caches graphs per code object, and this one
         # holds one graph, for one model, shape and set of weights (frozen into it)
         fn = _make_step(model, os.environ.get("LMFORGE_TRACED_BLOCKS", "1") != "0")

@@ -97,6 +97,17 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
 
+    @staticmethod
+    def stacked(x: torch.Tensor, modules: tuple[Int4Linear, ...]) -> torch.Tensor | None:
+        """x [W_1; W_2; ...]^T + [b_1; ...] as one int4 product (a compiled step's q/k/v: its
+        freezing stacks the packed weights once), where the packed layout allows it: whole
+        tiles of `_STACK_ROWS` output rows, no bias, one group size; else None."""
+        if not concat_ok() or any(m.bias is not None or m.group_size != modules[0].group_size
+                                  or m.out_features % _STACK_ROWS for m in modules):
+            return None
+        return int4_linear(x, torch.cat([m.packed for m in modules]), torch.cat([m.scales_zeros for m in modules], 1),
+                           modules[0].group_size, sum(m.out_features for m in modules), None)
+
 
 class Int4LMHead(nn.Module):
     """The LM head with an int4 copy of its weight (the tied token embedding stays float for lookups)."""
@@ -110,6 +121,27 @@ class Int4LMHead(nn.Module):
 
     def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
         return self.linear(h * self.scale if self.scale != 1.0 else h)
+
+
+_STACK_ROWS = 64  # packed weights of whole tiles of this many output rows stack (on this CPU: `concat_ok`)
+_concat_ok: bool | None = None
+
+
+def concat_ok() -> bool:
+    """Whether packed weights of whole `_STACK_ROWS`-row tiles can be stacked along the output
+    (the packed layout depends on the CPU): measured once, on two random weights."""
+    global _concat_ok
+    if _concat_ok is None:
+        with torch.inference_mode():
+            g = torch.Generator().manual_seed(0)
+            mods = [Int4Linear(torch.randint(0, 16, (_STACK_ROWS, 64), generator=g, dtype=torch.uint8),
+                               torch.rand(_STACK_ROWS, 2, generator=g), torch.rand(_STACK_ROWS, 2, generator=g))
+                    for _ in range(2)]
+            x = torch.randn(1, 64, generator=g)
+            stacked = int4_linear(x, torch.cat([m.packed for m in mods]), torch.cat([m.scales_zeros for m in mods], 1),
+                                  32, 2 * _STACK_ROWS, None)
+            _concat_ok = torch.equal(stacked, torch.cat([m(x) for m in mods], -1))
+    return _concat_ok
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):

@@ -67,6 +67,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.q, self.scale, self.bias)
 
+    @staticmethod
+    def stacked(x: torch.Tensor, modules: tuple[Int8Linear, ...]) -> torch.Tensor | None:
+        """x [W_1; W_2; ...]^T + [b_1; ...] as one int8 product (a compiled step's q/k/v: its
+        freezing stacks the weights once); None when only some have a bias."""
+        biases = [m.bias for m in modules]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        bias = None if biases[0] is None else torch.cat(biases)
+        return int8_linear(x, torch.cat([m.q for m in modules]), torch.cat([m.scale for m in modules]), bias)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 

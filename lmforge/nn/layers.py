@@ -70,6 +70,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, blocks: RowBlocks | None = None) -> torch.Tensor:
         """x (B, T, d) → (B, T, d); `blocks`: a generation's RowBlocks (decoding)."""
+        if self.gate is not None and getattr(blocks, "stack_gate", False):  # [W_gate; W_up] as one product
+            y = blocks(x, self.gate, self.up)
+            if y is not None:
+                gate, up = y.chunk(2, dim=-1)
+                return linear(self.down, self.act(gate) * up, blocks)
         up = linear(self.up, x, blocks)
         h = self.act(linear(self.gate, x, blocks)) * up if self.gate is not None else self.act(up)
         return linear(self.down, self.drop(h) if self.training else h, blocks)

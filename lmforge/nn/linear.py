@@ -140,12 +140,21 @@ class TracedBlocks:
     """RowBlocks' products for a compiled step (`lmforge.generate.compiled`): the same batched
     GEMMs over column blocks, written as plain tensor ops on the weights with nothing cached,
     so that torch.compile traces them and its freezing lays the blocks out once, as constants.
-    For plain `Linear` modules in float32 on CPU; anything else (int8, LoRA) returns None."""
+    For plain `Linear` modules in float32 on CPU; quantised layers of one kind that can stack
+    (a `stacked` static method: q/k/v as one int8 or int4 product) go through it; anything
+    else (LoRA) returns None."""
+
+    stack_gate = True  # a gated FFN's gate and up as one product (frozen once; RowBlocks would copy them per generation)
 
     def __init__(self, parts: int | None = None):
         self.parts = parts if parts is not None else torch.get_num_threads()
 
     def __call__(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+        kind = type(modules[0])
+        if kind is not Linear:
+            if len(modules) > 1 and hasattr(kind, "stacked") and all(type(m) is kind for m in modules):
+                return kind.stacked(x, modules)
+            return None
         if any(type(m) is not Linear for m in modules):
             return None
         w = modules[0].weight

@@ -109,3 +109,22 @@ def test_quantize_choice_and_its_alias():
         quantize_kind("int3")
     with pytest.raises(ValueError, match="int4 kernel takes"):
         quantize_groups(torch.randn(4, 64), 48)
+
+
+def test_stacked_quantised_products_equal_the_separate_ones():
+    """A compiled step runs q/k/v (and gate/up) as one quantised product (`stacked`): the same
+    values as one product per layer, where the layout allows stacking (int4: whole tiles)."""
+    from lmforge.models.int4 import Int4Linear, concat_ok
+    from lmforge.models.quantize import Int8Linear
+    torch.manual_seed(0)
+    x = torch.randn(3, 128)
+    for bias in (False, True):
+        mods = [Int8Linear(torch.nn.Linear(128, n, bias=bias)) for n in (128, 64, 64)]
+        torch.testing.assert_close(Int8Linear.stacked(x, mods), torch.cat([m(x) for m in mods], -1))
+    mods = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False)) for n in (128, 64, 64)]
+    if concat_ok():  # the packed layout of this CPU stacks (it does on x86 with AVX2)
+        assert torch.equal(Int4Linear.stacked(x, mods), torch.cat([m(x) for m in mods], -1))
+    else:  # each layer runs alone
+        assert Int4Linear.stacked(x, mods) is None
+    odd = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False)) for n in (48, 16)]
+    assert Int4Linear.stacked(x, odd) is None  # not whole tiles: the packed layouts do not stack
