@@ -169,7 +169,8 @@ def compare(settings: Settings, group: str, model: str, case: str, unit: str, su
         rate = statistics.median(rates[c.label])
         out["contenders"][c.label] = {
             "rate": rate, "rates": rates[c.label], "worker": c.worker.label,
-            "limit_pct": c.limit_pct(rate) if callable(c.limit_pct) else None, "peak_rss_mb": None}
+            "limit_pct": c.limit_pct(rate) if callable(c.limit_pct) else None, "peak_rss_mb": None,
+            **{k: c.info[k] for k in ("first_call_s",) if k in c.info}}  # a compiled contender's compile run
     for s in subjects:
         for ref in rates:
             if s in rates and ref not in subjects:
