@@ -75,3 +75,11 @@ def test_quantize_flag_and_its_int8_alias(tiny_text_model, capsys):
         assert main(["generate", str(tiny_text_model), "--prompt", "the quick", "--max-new-tokens", "4",
                      "--quantize", kind]) == 0
         assert capsys.readouterr().out.strip()
+
+
+def test_compile_flag_gives_the_eager_text(tiny_text_model, capsys):
+    args = ["generate", str(tiny_text_model), "--prompt", "the quick", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
