@@ -15,30 +15,15 @@ import torch
 from lmforge.generate import GenerationConfig, generate
 from lmforge.generate.compiled import bucket_length
 from lmforge.generate.state import DecoderState
-from lmforge.interop.hf import load_hf
-from tests.conftest import tiny_hf
-from tests.generate.test_generate import prompts
+from tests.generate.test_generate import pairs, prompts  # noqa: F401  (pairs: a fixture)
 
 NEW = 10
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            ref = tiny_hf(arch)
-            torch.manual_seed(3)
-            with torch.no_grad():  # larger weights than the default init: varied, non-repeating outputs
-                for name, p in ref.named_parameters():
-                    if p.ndim == 2 and "embed_positions" not in name:
-                        p.normal_(0, 0.3)
-            d = tmp_path_factory.mktemp(arch)
-            ref.save_pretrained(d)
-            cache[arch] = load_hf(d).eval()
-        return cache[arch]
-    return get
+def models(pairs):
+    """arch -> our tiny model of that family (test_generate's, with its varied weights)."""
+    return lambda arch: pairs(arch)[1]
 
 
 def _same_as_eager(model, **options):
