@@ -88,12 +88,11 @@ def _frozen(compiled):
     already says it is the right one; checking every weight's guard took 0.3 ms a step. Should
     an input differ in a way the key does not see (dynamo then refuses to run the graph
     unchecked), this and every later call evaluate the guards."""
-    calls, checked = 0, False
+    first, checked = True, False
 
     def call(*args):
-        nonlocal calls, checked
-        skip = calls > 0 and not checked
-        calls += 1
+        nonlocal first, checked
+        skip, first = not first and not checked, False
         with torch._inductor.config.patch(freezing=True):
             if skip:
                 try:

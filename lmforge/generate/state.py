@@ -211,6 +211,7 @@ class DecoderState:
         self.mask = mask  # (B, cache length) 1 for real tokens, or None when unpadded
         self.positions = positions  # (B, 1) position of the next token, or None when unpadded
         self.compiled = compiled  # steps through `compiled_step` (after the first, for encoder-decoders)
+        self._step = None  # (shape, its compiled step): the weights do not change within a generation
 
     @classmethod
     @torch.inference_mode()
@@ -275,7 +276,9 @@ class DecoderState:
             key_mask = torch.ones(B, cache.max_len, dtype=torch.long, device=tokens.device)
         memory = self.memory
         shape = (B, cache.max_len, None if memory is None else tuple(memory.shape), self.memory_mask is None)
-        step = compiled_step(self.model, shape)
+        if self._step is None or self._step[0] != shape:  # looked up once per shape (beam search grows B)
+            self._step = shape, compiled_step(self.model, shape)
+        step = self._step[1]
         logits = step(cache.kv, at, tokens, positions, key_mask, memory, self.memory_mask,
                       cache.cross, cache.rel_bias)
         cache.pos += 1

@@ -105,8 +105,7 @@ class Int4Linear(nn.Module):
         if not concat_ok() or any(m.bias is not None or m.group_size != modules[0].group_size
                                   or m.out_features % _STACK_ROWS for m in modules):
             return None
-        return int4_linear(x, torch.cat([m.packed for m in modules]), torch.cat([m.scales_zeros for m in modules], 1),
-                           modules[0].group_size, sum(m.out_features for m in modules), None)
+        return _stacked_product(x, modules)
 
 
 class Int4LMHead(nn.Module):
@@ -138,10 +137,15 @@ def concat_ok() -> bool:
                                torch.rand(_STACK_ROWS, 2, generator=g), torch.rand(_STACK_ROWS, 2, generator=g))
                     for _ in range(2)]
             x = torch.randn(1, 64, generator=g)
-            stacked = int4_linear(x, torch.cat([m.packed for m in mods]), torch.cat([m.scales_zeros for m in mods], 1),
-                                  32, 2 * _STACK_ROWS, None)
-            _concat_ok = torch.equal(stacked, torch.cat([m(x) for m in mods], -1))
+            _concat_ok = torch.equal(_stacked_product(x, mods), torch.cat([m(x) for m in mods], -1))
     return _concat_ok
+
+
+def _stacked_product(x: torch.Tensor, modules) -> torch.Tensor:
+    """x [W_1; W_2; ...]^T for bias-free Int4Linear modules of one group size, their packed
+    weights stacked along the output (valid where `concat_ok`)."""
+    return int4_linear(x, torch.cat([m.packed for m in modules]), torch.cat([m.scales_zeros for m in modules], 1),
+                       modules[0].group_size, sum(m.out_features for m in modules), None)
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
