@@ -16,10 +16,11 @@ def test_every_generation_option_is_a_flag_with_its_default():
         for name in FIELDS:
             assert hasattr(args, name), (command, name)
     a = build_parser().parse_args(["generate", "m", "--prompt", "x", "--no-repeat-ngram-size", "3", "--stop", "a",
-                                   "--stop", "b", "--early-stopping", "never", "--truncate", "--seed", "4"])
+                                   "--stop", "b", "--early-stopping", "never", "--truncate", "--seed", "4",
+                                   "--prefill-chunk", "16"])
     from lmforge.cli_generate import _gen_config
     assert _gen_config(a) == GenerationConfig(no_repeat_ngram_size=3, stop=("a", "b"), early_stopping="never",
-                                              truncate=True, seed=4)
+                                              truncate=True, seed=4, prefill_chunk=16)
     assert _gen_config(build_parser().parse_args(["chat", "m"])).max_new_tokens == 256
 
 
@@ -55,7 +56,8 @@ def test_chat_works_with_its_defaults_on_a_small_context(tiny_text_model, monkey
 
 
 @pytest.mark.parametrize("bad, field", [(["--top-p", "1.5"], "top_p"), (["--num-beams", "3"], "num_beams"),
-                                        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size")])
+                                        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size"),
+                                        (["--prefill-chunk", "-1"], "prefill_chunk")])
 def test_bad_options_are_named(tiny_text_model, capsys, bad, field):
     assert main(["generate", str(tiny_text_model), "--prompt", "x", *bad]) == 2
     assert field in capsys.readouterr().err
@@ -83,3 +85,17 @@ def test_compile_flag_gives_the_eager_text(tiny_text_model, capsys):
     eager = capsys.readouterr().out
     assert main([*args, "--compile"]) == 0
     assert capsys.readouterr().out == eager
+
+
+def test_prefill_chunk_flag_gives_the_one_pass_text(tiny_text_model, monkeypatch, capsys):
+    args = ["generate", str(tiny_text_model), "--prompt", "the quick brown fox jumps", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    one_pass = capsys.readouterr().out
+    assert main([*args, "--prefill-chunk", "2"]) == 0
+    assert capsys.readouterr().out == one_pass
+
+    def chat(*flags):
+        monkeypatch.setattr("builtins.input", lambda prompt="", _l=iter(["hello there", "/quit"]): next(_l))
+        assert main(["chat", str(tiny_text_model), "--max-new-tokens", "8", *flags]) == 0
+        return capsys.readouterr().out
+    assert chat("--prefill-chunk", "3") == chat()

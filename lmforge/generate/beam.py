@@ -36,7 +36,7 @@ def beam_loop(model, p: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     min_new_tokens, length_penalty, early_stopping = cfg.min_new_tokens, cfg.length_penalty, cfg.early_stopping
     params = cfg.sampling
     dev = ids.device
-    state, logits = DecoderState.prefill(model, ids, mask, T, compiled=cfg.compile)
+    state, logits = DecoderState.prefill(model, ids, mask, T, compiled=cfg.compile, chunk=cfg.prefill_chunk)
     grow = torch.arange(B, device=dev).repeat_interleave(nb)  # each prompt's cache, once per beam
     state.reorder(grow)
     logits = logits.index_select(0, grow)

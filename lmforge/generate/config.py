@@ -62,10 +62,16 @@ class GenerationConfig:
     compile: bool = field(default=False, metadata=_help("decode with a compiled step (torch.compile): the first "
                                                         "generation of each batch size and length compiles it "
                                                         "(seconds to minutes), later ones run faster"))
+    # off by default: chunks agree with one pass within float rounding, not bit for bit (DecoderState.prefill)
+    prefill_chunk: int = field(
+        default=0, metadata=_help("run a decoder-only prompt through the model this many tokens at a time (0: all "
+                                  "at once): less memory for long prompts, the same logits up to float rounding"))
 
     def __post_init__(self):
         if isinstance(self.stop, str) or isinstance(self.stop, list):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.prefill_chunk is None:  # the Python API's "no chunks", like 0
+            object.__setattr__(self, "prefill_chunk", 0)
         _count("max_new_tokens", self.max_new_tokens, 1)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -101,6 +107,7 @@ class GenerationConfig:
         if self.compile and self.prompt_lookup:
             raise ValueError("compile and prompt_lookup do not go together: prompt lookup checks several "
                              "tokens a step, which runs eagerly")
+        _count("prefill_chunk", self.prefill_chunk, 0, "(prompt tokens per pass; 0: the whole prompt)")
         for name in ("truncate", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

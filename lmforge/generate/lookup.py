@@ -29,7 +29,7 @@ def lookup_loop(model, p: Prepared, ngram_size: int = 2) -> Iterator[tuple[torch
     """Yields (token (1,), done (1,)) per token, like `sampling.token_loop`, guessing
     `p.config.prompt_lookup` tokens ahead."""
     max_new_tokens, num_tokens, eos_ids = p.config.max_new_tokens, p.config.prompt_lookup, p.eos
-    state, logits = DecoderState.prefill(model, p.ids, None, max_new_tokens)
+    state, logits = DecoderState.prefill(model, p.ids, None, max_new_tokens, chunk=p.config.prefill_chunk)
     seq = p.ids[0].tolist()  # decoder: the prompt; encoder-decoder: the source, to copy from
     emitted, dev = 0, p.ids.device
     while True:

@@ -51,7 +51,7 @@ def token_loop(model, p: Prepared) -> Iterator[tuple[torch.Tensor, torch.Tensor]
     """Yields (tokens (B,), done (B,) bool after this token) per step."""
     cfg, ids, eos_ids, stop = p.config, p.ids, p.eos, p.stop
     T = cfg.max_new_tokens
-    state, logits = DecoderState.prefill(model, ids, p.mask, T, compiled=cfg.compile)
+    state, logits = DecoderState.prefill(model, ids, p.mask, T, compiled=cfg.compile, chunk=cfg.prefill_chunk)
     params = cfg.sampling
     do_sample = cfg.strategy == "sample"
     eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)

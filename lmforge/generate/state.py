@@ -1,11 +1,12 @@
 """What one generation works on: its prompts, its stop conditions and its decoding state.
 
 `prepare` validates and pads the prompts for a `GenerationConfig` (a `Prepared`);
-`DecoderState.prefill` runs the (left-padded) prompt, or encodes the source once and feeds
-`decoder_start_id`, and `step(tokens)` feeds one token per row into the preallocated KV
-cache and returns the next-token logits (B, V), the same way for every family. A state owns
-its generation's `RowBlocks` (small weights laid out for products of a few rows), made
-anew for each generation, so a weight changed between two generations is always seen.
+`DecoderState.prefill` runs the (left-padded) prompt, in one pass or in chunks, or encodes
+the source once and feeds `decoder_start_id`, and `step(tokens)` feeds one token per row into
+the preallocated KV cache and returns the next-token logits (B, V), the same way for every
+family. A state owns its generation's `RowBlocks` (small weights laid out for products of a
+few rows), made anew for each generation, so a weight changed between two generations is
+always seen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.generate.compiled import bucket_length, compiled_step
-from lmforge.generate.config import GenerationConfig
+from lmforge.generate.config import GenerationConfig, _count
 from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
 from lmforge.nn.linear import RowBlocks
@@ -216,13 +217,20 @@ class DecoderState:
     @classmethod
     @torch.inference_mode()
     def prefill(cls, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                max_new_tokens: int, compiled: bool = False) -> tuple[DecoderState, torch.Tensor]:
+                max_new_tokens: int, compiled: bool = False, chunk: int | None = None
+                ) -> tuple[DecoderState, torch.Tensor]:
         """Run the prompt (decoder) or encode the source and feed the start token (encoder-decoder).
 
         input_ids (B, S) as `prepare_prompts` returns them. Returns the state and the logits
         (B, V) of the first new token. compiled=True: the steps after that go through
-        `lmforge.generate.compiled` (the prompt itself runs eagerly).
+        `lmforge.generate.compiled` (the prompt itself runs eagerly). chunk (decoder only;
+        0 or None: one pass) runs the prompt `chunk` positions at a time, each pass writing
+        its keys and values to the cache and attending to those before it, the way a decoding
+        step does: the peak memory of a pass grows with chunk x S instead of S x S. It is not
+        on by default because other kernels reduce in another order: the logits agree with one
+        pass within float rounding, not bit for bit, so a near tie could pick another token.
         """
+        _count("prefill_chunk", chunk or 0, 0)
         cfg, bb = model.cfg, model.backbone
         B, S = input_ids.shape
         dtype, dev = bb.tokens.weight.dtype, input_ids.device
@@ -248,8 +256,13 @@ class DecoderState:
             mask[:, :S] = attention_mask
             positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (B, S)
             state = cls(model, cache, mask=mask, positions=positions[:, -1:] + 1, compiled=compiled)
-        hidden = bb.decode(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache)
-        return state, model.logits(hidden[:, -1:])[:, 0].float()
+        size = chunk or S
+        for start in range(0, S, size):  # the mask covers the cached columns too: (B, end)
+            end = min(start + size, S)
+            hidden = bb.decode(input_ids[:, start:end], cache=cache,
+                               attention_mask=None if attention_mask is None else attention_mask[:, :end],
+                               position_ids=None if positions is None else positions[:, start:end])
+        return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
