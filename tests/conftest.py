@@ -103,3 +103,15 @@ def tiny_text_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_text_model")
     lmforge.save(model, out, tokenizer=tok)
     return out
+
+
+@pytest.fixture(params=["torch", "native"])
+def quant_kernel(request, monkeypatch):
+    """Runs a test once with torch's int4/int8 kernels and once with lmforge's own
+    (`lmforge.models.qkernel`, skipped where it was not built): the choice `native_rows` would
+    otherwise measure."""
+    from lmforge.models import int4, qkernel
+    if request.param == "native" and not qkernel.available():
+        pytest.skip("lmforge.models._qkernel was not built here (no C compiler at install)")
+    monkeypatch.setattr(int4, "_native_rows", 16 if request.param == "native" else 0)
+    return request.param

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.models.heads import LMHead
-from lmforge.models.int4 import Int4Linear, Int4LMHead, quantize_groups
+from lmforge.models import qkernel
+from lmforge.models.int4 import Int4Linear, Int4LMHead, native_rows, quantize_groups, stacked_bias
 
 KINDS = ("int4", "int8")
 _PACKED = hasattr(torch, "_weight_int8pack_mm")
@@ -71,10 +72,9 @@ class Int8Linear(nn.Module):
     def stacked(x: torch.Tensor, modules: tuple[Int8Linear, ...]) -> torch.Tensor | None:
         """x [W_1; W_2; ...]^T + [b_1; ...] as one int8 product (a compiled step's q/k/v: its
         freezing stacks the weights once); None when only some have a bias."""
-        biases = [m.bias for m in modules]
-        if any(b is None for b in biases) and not all(b is None for b in biases):
+        stacks, bias = stacked_bias(modules)
+        if not stacks:
             return None
-        bias = None if biases[0] is None else torch.cat(biases)
         return int8_linear(x, torch.cat([m.q for m in modules]), torch.cat([m.scale for m in modules]), bias)
 
     def extra_repr(self) -> str:
@@ -82,20 +82,29 @@ class Int8Linear(nn.Module):
 
 
 class Int8LMHead(nn.Module):
-    """The LM head with an int8 copy of its weight (the tied token embedding stays float for lookups)."""
+    """The LM head with an int8 copy of its weight (the tied token embedding stays float for
+    lookups). Where lmforge's kernels run (`native_rows`), the copy is packed for them
+    (`qkernel.pack8`, int16 activations) in place of torch's int8 kernel."""
 
     quantized = "int8"
 
     def __init__(self, head: LMHead, tokens: nn.Embedding):
         super().__init__()
         self.scale = head.scale
-        q, s = quantize_weight(tokens.weight if head.weight is None else head.weight)
-        self.register_buffer("q", q)
-        self.register_buffer("qscale", s)
+        w = tokens.weight if head.weight is None else head.weight
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        q, s = quantize_weight(w)
+        native = qkernel.pack8(q, s) if native_rows() else None
+        self.register_buffer("q", None if native is not None else q)
+        self.register_buffer("qscale", None if native is not None else s)
+        self.register_buffer("native", native, persistent=False)  # made at load time: never saved
         self.bias = None if head.bias is None else nn.Parameter(head.bias.detach().clone(), requires_grad=False)
 
     def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
-        return int8_linear(h * self.scale if self.scale != 1.0 else h, self.q, self.qscale, self.bias)
+        h = h * self.scale if self.scale != 1.0 else h
+        if self.native is not None:
+            return qkernel.linear(h, self.native, self.in_features, self.out_features, self.bias, native_rows())
+        return int8_linear(h, self.q, self.qscale, self.bias)
 
 
 def quantize_kind(quantize: str | None = None, int8: bool = False) -> str | None:

@@ -41,6 +41,18 @@ def packing_enabled() -> bool:
         and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
+def best_time(fn, repeats: int = 5) -> float:
+    """The shortest of `repeats` timed runs of fn(), after one untimed run: how the speed paths
+    that depend on the CPU are chosen here (at run time, by measurement)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def packing_pays(d_in: int, d_out: int, rows: int, repeats: int = 5) -> bool:
     """Whether a packed (d_out, d_in) float32 weight multiplies `rows` rows faster than the plain
     one here: the best of `repeats` runs of each, over a few weights too large for the cache."""
@@ -49,18 +61,9 @@ def packing_pays(d_in: int, d_out: int, rows: int, repeats: int = 5) -> bool:
     ws = [torch.randn(d_out, d_in) for _ in range(4)]
     packed = [_pack(w, rows) for w in ws]
     x = torch.randn(rows, d_in)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
     with torch.inference_mode():
-        plain = best(lambda: [_packed_product(x, w, None) for w in ws])
-        pre = best(lambda: [_packed_product(x, p, None) for p in packed])
+        plain = best_time(lambda: [_packed_product(x, w, None) for w in ws], repeats)
+        pre = best_time(lambda: [_packed_product(x, p, None) for p in packed], repeats)
     return pre < 0.9 * plain
 
 

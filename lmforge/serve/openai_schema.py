@@ -84,8 +84,9 @@ class EmbeddingsRequest(BaseModel):
 
 
 # options the server decides for every request, not a request: its engine batches the steps
-# of all running requests itself (`compile` applies to `generate` and `chat`)
-SERVER_CHOSEN = ("compile",)
+# of all running requests itself and runs their prompts as it schedules them (`compile` and
+# `prefill_chunk` apply to `generate` and `chat`)
+SERVER_CHOSEN = ("compile", "prefill_chunk")
 
 
 def generate_request_model():

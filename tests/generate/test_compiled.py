@@ -97,8 +97,8 @@ def test_compile_option_errors():
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_compiled_quantised_steps_stay_close(models, kind):
-    """int8/int4 products take bfloat16 activations, which the graph may round at other places:
-    the logits stay within the rounding of bfloat16, not bit for bit."""
+    """int8/int4 products round their activations (to bfloat16, or to int16 in lmforge's kernel),
+    and the graph may round at other places: the logits stay within that rounding, not bit for bit."""
     from lmforge.models.quantize import quantize
     model = quantize(copy.deepcopy(models("llama") if kind == "int4" else models("gpt2")), kind)  # in place
     ids, mask = prompts(model)

@@ -63,7 +63,7 @@ def test_quantized_model_is_not_saved_and_not_quantized_twice(tmp_path, kind):
 
 
 @pytest.mark.parametrize("out, inp, group", [(48, 64, 32), (40, 100, 32), (16, 256, 128), (99, 64, 64)])
-def test_int4_groups_and_the_kernel(out, inp, group):
+def test_int4_groups_and_the_kernel(out, inp, group, quant_kernel):
     torch.manual_seed(0)
     w, b, x = torch.randn(out, inp) * 0.1, torch.randn(out), torch.randn(2, 3, inp)
     q, s, z = quantize_groups(w, group)
@@ -73,11 +73,11 @@ def test_int4_groups_and_the_kernel(out, inp, group):
     assert ((deq - w).abs() <= step / 2 + 1e-6).all()  # round to nearest within each group
     y = Int4Linear(q, s, z, b, group)(x)  # rows padded to 16 and inputs to whole groups inside
     assert y.shape == (2, 3, out) and y.dtype == torch.float32
-    assert _rel(y, F.linear(x, deq, b)) < 0.01  # the dequantised product, up to bfloat16 activations
+    assert _rel(y, F.linear(x, deq, b)) < 0.01  # the dequantised product, up to bfloat16 or int16 activations
 
 
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny", "t5-tiny"])
-def test_int4_model_computes_its_groups_and_generates(preset):
+def test_int4_model_computes_its_groups_and_generates(preset, quant_kernel):
     torch.manual_seed(0)
     model = Model(ModelConfig.preset(preset, vocab_size=128, dropout=0.0)).eval()
     ids = torch.randint(3, 128, (2, 12))
@@ -111,9 +111,10 @@ def test_quantize_choice_and_its_alias():
         quantize_groups(torch.randn(4, 64), 48)
 
 
-def test_stacked_quantised_products_equal_the_separate_ones():
+def test_stacked_quantised_products_equal_the_separate_ones(quant_kernel):
     """A compiled step runs q/k/v (and gate/up) as one quantised product (`stacked`): the same
-    values as one product per layer, where the layout allows stacking (int4: whole tiles)."""
+    values as one product per layer, where the layout allows stacking (int4 with torch's
+    kernel: whole tiles of 64 rows; with lmforge's: whole groups of 4 rows)."""
     from lmforge.models.int4 import Int4Linear, concat_ok
     from lmforge.models.quantize import Int8Linear
     torch.manual_seed(0)
@@ -122,9 +123,16 @@ def test_stacked_quantised_products_equal_the_separate_ones():
         mods = [Int8Linear(torch.nn.Linear(128, n, bias=bias)) for n in (128, 64, 64)]
         torch.testing.assert_close(Int8Linear.stacked(x, mods), torch.cat([m(x) for m in mods], -1))
     mods = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False)) for n in (128, 64, 64)]
-    if concat_ok():  # the packed layout of this CPU stacks (it does on x86 with AVX2)
+    if quant_kernel == "native" or concat_ok():  # the packed layout of this CPU stacks (it does on x86 with AVX2)
         assert torch.equal(Int4Linear.stacked(x, mods), torch.cat([m(x) for m in mods], -1))
     else:  # each layer runs alone
         assert Int4Linear.stacked(x, mods) is None
     odd = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False)) for n in (48, 16)]
-    assert Int4Linear.stacked(x, odd) is None  # not whole tiles: the packed layouts do not stack
+    if quant_kernel == "native":
+        assert torch.equal(Int4Linear.stacked(x, odd), torch.cat([m(x) for m in odd], -1))
+        biased = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=True)) for n in (48, 16)]
+        torch.testing.assert_close(Int4Linear.stacked(x, biased), torch.cat([m(x) for m in biased], -1))
+        assert Int4Linear.stacked(x, [odd[0], biased[1]]) is None  # some with a bias, some without
+        assert Int4Linear.stacked(x, [Int4Linear.from_linear(torch.nn.Linear(128, 6, bias=False)), odd[1]]) is None
+    else:
+        assert Int4Linear.stacked(x, odd) is None  # not whole tiles: the packed layouts do not stack
