@@ -189,6 +189,49 @@ AVX2 static void dot4_q8_avx2(const uint8_t *w, const int16_t *qx, const float *
 }
 #endif
 
+#ifdef QK_X86
+/* A row group's codes widened to int16, (nb, 4, 32): for products with several activation
+ * rows, the codes are unpacked once per group instead of once per row. */
+AVX2 static void widen_group(const uint8_t *w, int bits, int64_t nb, int16_t *wq) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++, w += block_bytes(bits))
+        for (int r = 0; r < ROWS; r++) {
+            __m256i a, c;
+            if (bits == 4) {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * r));
+                a = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
+                c = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            } else {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 32 * r));
+                a = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                c = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1));
+            }
+            _mm256_storeu_si256((__m256i *)(wq + (b * ROWS + r) * QK), a);
+            _mm256_storeu_si256((__m256i *)(wq + (b * ROWS + r) * QK + 16), c);
+        }
+}
+
+/* dot4 with the group's widened codes wq (its scales still read from the packed group w). */
+AVX2 static void dot4_wide(const int16_t *wq, const uint8_t *w, int bits, const int16_t *qx, const float *dx,
+                           const float *sx, int64_t nb, float out[ROWS]) {
+    const int64_t bytes = block_bytes(bits), codes = ROWS * (bits == 4 ? 16 : 32);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += bytes) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(qx + b * QK)), x1 = _mm256_loadu_si256((const __m256i *)(qx + b * QK + 16));
+        __m256i p[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            const int16_t *o = wq + (b * ROWS + r) * QK;
+            p[r] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)o), x0),
+                                    _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(o + 16)), x1));
+        }
+        acc = add_scaled(p, w + codes, dx[b], acc);
+        if (bits == 4) accm = _mm_fmadd_ps(load_halves(w + codes + 2 * ROWS), _mm_set1_ps(sx[b]), accm);
+    }
+    store4(acc, accm, out);
+}
+#endif
+
 static dot4_fn pick(int bits, int allow_simd) {
 #ifdef QK_X86
     if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
@@ -200,7 +243,8 @@ static dot4_fn pick(int bits, int allow_simd) {
 
 /* y (rows, n) = x (rows, k) W^T; W: ceil(n / 4) groups of nb blocks. */
 static int matmul(float *y, const float *x, const uint8_t *w, int64_t rows, int64_t n, int64_t k, int64_t nb,
-                  int bits, dot4_fn dot4) {
+                  int bits, int allow_simd) {
+    const dot4_fn dot4 = pick(bits, allow_simd);
     int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * nb * QK));
     float *dsx = malloc(sizeof(float) * (size_t)(2 * rows * nb));
     if (!qx || !dsx) {
@@ -211,13 +255,32 @@ static int matmul(float *y, const float *x, const uint8_t *w, int64_t rows, int6
     for (int64_t i = 0; i < rows; i++)
         quantize_row(x + i * k, k, nb, qx + i * nb * QK, dsx + 2 * i * nb, dsx + (2 * i + 1) * nb);
     const int64_t groups = (n + ROWS - 1) / ROWS, stride = nb * block_bytes(bits);
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        for (int64_t i = 0; i < rows; i++) {
-            float out[ROWS];
-            dot4(w + g * stride, qx + i * nb * QK, dsx + 2 * i * nb, dsx + (2 * i + 1) * nb, nb, out);
-            for (int r = 0; r < ROWS && g * ROWS + r < n; r++) y[i * n + g * ROWS + r] = out[r];
+#ifdef QK_X86
+    const int wide = rows > 1 && dot4 != dot4_q4_plain && dot4 != dot4_q8_plain;
+#else
+    const int wide = 0;
+#endif
+#pragma omp parallel
+    {
+        int16_t *wq = wide ? malloc(sizeof(int16_t) * (size_t)(nb * ROWS * QK)) : NULL; /* this thread's */
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+#ifdef QK_X86
+            if (wq) widen_group(w + g * stride, bits, nb, wq);
+#endif
+            for (int64_t i = 0; i < rows; i++) {
+                float out[ROWS];
+                const int16_t *xi = qx + i * nb * QK;
+                const float *dxi = dsx + 2 * i * nb, *sxi = dsx + (2 * i + 1) * nb;
+#ifdef QK_X86
+                if (wq) dot4_wide(wq, w + g * stride, bits, xi, dxi, sxi, nb, out);
+                else
+#endif
+                    dot4(w + g * stride, xi, dxi, sxi, nb, out);
+                for (int r = 0; r < ROWS && g * ROWS + r < n; r++) y[i * n + g * ROWS + r] = out[r];
+            }
         }
+        free(wq);
     }
     free(qx);
     free(dsx);
@@ -320,7 +383,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = matmul(p[0], p[1], p[2], v[0], v[1], v[2], v[3], (int)v[4], pick((int)v[4], (int)v[5]));
+    rc = matmul(p[0], p[1], p[2], v[0], v[1], v[2], v[3], (int)v[4], (int)v[5]);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
