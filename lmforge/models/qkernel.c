@@ -12,7 +12,7 @@
  * rounded activations, so that the result is the weight's exact product with them (their
  * rounding error then meets the centred weight d (q - 8) + ..., not the codes 0..15 alone).
  *
- * Weight layout (made by lmforge.models.qkernel.pack), for each group g of 4 output rows and
+ * Weight layout (made by lmforge.models.qkernel.pack4 and pack8), for each group g of 4 output rows and
  * each block b, one stream of BLOCK_BYTES: the codes of the 4 rows (4-bit: 16 bytes a row,
  * byte j holds element j in its low nibble and j + 16 in its high one, as in GGUF; 8-bit: 32
  * bytes a row), then d of the 4 rows, then (4-bit) m of the 4 rows, in half precision (as GGUF).
@@ -406,16 +406,9 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
-static PyObject *py_simd(PyObject *self, PyObject *unused) {
-    (void)self;
-    (void)unused;
-    return PyBool_FromLong(pick(4, 1) != dot4_q4_plain);
-}
-
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x W^T for packed W (see the source)."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "The float weight of packed W."},
-    {"simd", py_simd, METH_NOARGS, "Whether this CPU runs the AVX2 loops."},
     {NULL, NULL, 0, NULL},
 };
 
