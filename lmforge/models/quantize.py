@@ -94,7 +94,7 @@ class Int8LMHead(nn.Module):
         w = tokens.weight if head.weight is None else head.weight
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         q, s = quantize_weight(w)
-        native = qkernel.pack8(q, s) if native_rows() else None
+        native = qkernel.pack8(q, s) if native_rows() and w.device.type == "cpu" else None  # a CPU kernel
         self.register_buffer("q", None if native is not None else q)
         self.register_buffer("qscale", None if native is not None else s)
         self.register_buffer("native", native, persistent=False)  # made at load time: never saved
