@@ -18,6 +18,7 @@ import torch
 
 from lmforge.generate.compiled import bucket_length, compiled_step
 from lmforge.generate.config import GenerationConfig, _count
+from lmforge.generate.native import NativeStep, native_fits
 from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
 from lmforge.nn.linear import RowBlocks
@@ -213,6 +214,7 @@ class DecoderState:
         self.positions = positions  # (B, 1) position of the next token, or None when unpadded
         self.compiled = compiled  # steps through `compiled_step` (after the first, for encoder-decoders)
         self._step = None  # (shape, its compiled step): the weights do not change within a generation
+        self._native = None  # a `NativeStep` where it applies (one unpadded row; see lmforge.generate.native)
 
     @classmethod
     @torch.inference_mode()
@@ -237,6 +239,8 @@ class DecoderState:
         blocks = RowBlocks()  # this generation's: made on first use, dropped with the state
         seq2seq = cfg.family == "encoder-decoder"
         length = max_new_tokens + 1 if seq2seq else S + max_new_tokens
+        native = B == 1 and attention_mask is None and native_fits(model)
+        compiled = compiled and not native  # the native step is the faster of the two where it applies
         if compiled:  # a length that later generations share (one compiled graph per length)
             length = bucket_length(length, cfg.max_len)
         cache = KVCache.for_model(cfg, B, length, dtype, dev, blocks, per_layer=compiled)
@@ -262,11 +266,17 @@ class DecoderState:
             hidden = bb.decode(input_ids[:, start:end], cache=cache,
                                attention_mask=None if attention_mask is None else attention_mask[:, :end],
                                position_ids=None if positions is None else positions[:, start:end])
+        if native:
+            state._native = NativeStep(model, cache)
         return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
+        if self._native is not None:
+            if self._native.serves(self.cache):
+                return self._native(tokens)
+            self._native = None  # beam search made rows of the cache: the eager step from now on
         if self.compiled:
             return self._compiled_step(tokens)
         cache, mask = self.cache, self.mask

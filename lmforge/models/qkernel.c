@@ -24,19 +24,18 @@
  * The AVX2 loops are compiled for AVX2, FMA and F16C by function attribute and chosen at run time
  * (__builtin_cpu_supports); elsewhere the portable loops compute the same integer sums.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "qkernel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define QK_X86 1
 #endif
 
-enum { QK = 32, ROWS = 4 };
 #define QMAX 32767.f /* activations: int16 codes per block */
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead: measured best of 512-4096 on an AVX2 EPYC */
@@ -241,9 +240,10 @@ static dot4_fn pick(int bits, int allow_simd) {
     return bits == 4 ? dot4_q4_plain : dot4_q8_plain;
 }
 
-/* y (rows, n) = x (rows, k) W^T; W: ceil(n / 4) groups of nb blocks. */
-static int matmul(float *y, const float *x, const uint8_t *w, int64_t rows, int64_t n, int64_t k, int64_t nb,
-                  int bits, int allow_simd) {
+/* y (rows, n) = x (rows, k) [W_1; W_2; ...]^T for the packed weights of `segs` (each ceil(n_i / 4)
+ * groups of nb blocks, n = the sum of their n_i): one parallel pass over all their row groups. */
+int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int bits, int allow_simd,
+              const qseg *segs, int nseg) {
     const dot4_fn dot4 = pick(bits, allow_simd);
     int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * nb * QK));
     float *dsx = malloc(sizeof(float) * (size_t)(2 * rows * nb));
@@ -254,7 +254,13 @@ static int matmul(float *y, const float *x, const uint8_t *w, int64_t rows, int6
     }
     for (int64_t i = 0; i < rows; i++)
         quantize_row(x + i * k, k, nb, qx + i * nb * QK, dsx + 2 * i * nb, dsx + (2 * i + 1) * nb);
-    const int64_t groups = (n + ROWS - 1) / ROWS, stride = nb * block_bytes(bits);
+    int64_t first[QSEG_MAX + 1] = {0}, col[QSEG_MAX] = {0}, n = 0; /* each segment's first group and column */
+    for (int s = 0; s < nseg; s++) {
+        first[s + 1] = first[s] + (segs[s].n + ROWS - 1) / ROWS;
+        col[s] = n;
+        n += segs[s].n;
+    }
+    const int64_t groups = first[nseg], stride = nb * block_bytes(bits);
 #ifdef QK_X86
     const int wide = rows > 1 && dot4 != dot4_q4_plain && dot4 != dot4_q8_plain;
 #else
@@ -265,19 +271,24 @@ static int matmul(float *y, const float *x, const uint8_t *w, int64_t rows, int6
         int16_t *wq = wide ? malloc(sizeof(int16_t) * (size_t)(nb * ROWS * QK)) : NULL; /* this thread's */
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
+            int s = 0;
+            while (g >= first[s + 1]) s++;
+            const int64_t local = g - first[s];
+            const uint8_t *wg = segs[s].w + local * stride;
 #ifdef QK_X86
-            if (wq) widen_group(w + g * stride, bits, nb, wq);
+            if (wq) widen_group(wg, bits, nb, wq);
 #endif
             for (int64_t i = 0; i < rows; i++) {
                 float out[ROWS];
                 const int16_t *xi = qx + i * nb * QK;
                 const float *dxi = dsx + 2 * i * nb, *sxi = dsx + (2 * i + 1) * nb;
 #ifdef QK_X86
-                if (wq) dot4_wide(wq, w + g * stride, bits, xi, dxi, sxi, nb, out);
+                if (wq) dot4_wide(wq, wg, bits, xi, dxi, sxi, nb, out);
                 else
 #endif
-                    dot4(w + g * stride, xi, dxi, sxi, nb, out);
-                for (int r = 0; r < ROWS && g * ROWS + r < n; r++) y[i * n + g * ROWS + r] = out[r];
+                    dot4(wg, xi, dxi, sxi, nb, out);
+                for (int r = 0; r < ROWS && local * ROWS + r < segs[s].n; r++)
+                    y[i * n + col[s] + local * ROWS + r] = out[r];
             }
         }
         free(wq);
@@ -355,9 +366,8 @@ static void dequantize(float *out, const uint8_t *w, int64_t n, int64_t k, int64
     }
 }
 
-/* Integers from Python: pointers (torch's data_ptr()) then sizes; -1 and an exception on error. */
-static int read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
-                     int64_t *v) {
+int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
+                 int64_t *v) {
     if (nargs != want) {
         PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", usage, want);
         return -1;
@@ -375,7 +385,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     (void)self;
     void *p[3];
     int64_t v[6];
-    if (read_args(args, nargs, 9, "matmul(y, x, w, rows, n, k, nb, bits, simd)", p, 3, v)) return NULL;
+    if (qk_read_args(args, nargs, 9, "matmul(y, x, w, rows, n, k, nb, bits, simd)", p, 3, v)) return NULL;
     if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] * QK < v[2] || (v[4] != 4 && v[4] != 8)) {
         PyErr_Format(PyExc_ValueError, "matmul: rows=%lld, n=%lld, k=%lld, nb=%lld, bits=%lld do not fit",
                      (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3], (long long)v[4]);
@@ -383,7 +393,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = matmul(p[0], p[1], p[2], v[0], v[1], v[2], v[3], (int)v[4], (int)v[5]);
+    const qseg seg = {p[2], v[1]};
+    rc = qk_matmul(p[0], p[1], v[0], v[2], v[3], (int)v[4], (int)v[5], &seg, 1);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -394,7 +405,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
     (void)self;
     void *p[2];
     int64_t v[5];
-    if (read_args(args, nargs, 7, "dequantize(out, w, n, k, nb, bits, simd)", p, 2, v)) return NULL;
+    if (qk_read_args(args, nargs, 7, "dequantize(out, w, n, k, nb, bits, simd)", p, 2, v)) return NULL;
     if (v[0] < 0 || v[1] < 0 || v[2] * QK < v[1] || (v[3] != 4 && v[3] != 8)) {
         PyErr_Format(PyExc_ValueError, "dequantize: n=%lld, k=%lld, nb=%lld, bits=%lld do not fit", (long long)v[0],
                      (long long)v[1], (long long)v[2], (long long)v[3]);
@@ -409,6 +420,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x W^T for packed W (see the source)."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "The float weight of packed W."},
+    {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "One decoding step (see qstep.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -150,10 +150,34 @@ def dequantize(w: torch.Tensor, out: int, inp: int, simd: bool = True) -> torch.
     return y
 
 
+def decode_step(out: torch.Tensor, x: torch.Tensor, table: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                final_norm: torch.Tensor, n_layers: int, d: int, heads: int, kv: int, head_dim: int, d_ff: int,
+                pos: int, max_len: int, eps: float, scale: float, simd: bool = True) -> None:
+    """One decoding step of a Llama-family decoder in `qstep.c` (lmforge.generate.native's path):
+    x (d) the token's embedding in, the last layer's output after; out (d) its final norm.
+    table (n_layers, 11) int64: each layer's data pointers (see qstep.c), which the caller keeps
+    alive; cos, sin (head_dim) the rotary row of position `pos`."""
+    if _qkernel is None:
+        raise RuntimeError("lmforge's native kernels were not built (no C compiler at install)")
+    for name, t in (("out", out), ("x", x), ("cos", cos), ("sin", sin), ("final_norm", final_norm)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"decode_step: {name} must be a contiguous float32 CPU tensor")
+    if table.dtype != torch.int64 or tuple(table.shape) != (n_layers, 11) or not table.is_contiguous():
+        raise ValueError(f"decode_step: table must be ({n_layers}, 11) int64, got {tuple(table.shape)} {table.dtype}")
+    if out.numel() != d or x.numel() != d or cos.numel() != head_dim or sin.numel() != head_dim:
+        raise ValueError(f"decode_step: out, x ({d}) or cos, sin ({head_dim}) have other sizes")
+    _qkernel.decode_step(out.data_ptr(), x.data_ptr(), table.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                         final_norm.data_ptr(), n_layers, d, heads, kv, head_dim, d_ff, pos, max_len, simd,
+                         float(eps), float(scale))
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None,
            max_rows: int) -> torch.Tensor:
     """x (..., in) @ W^T + bias for a packed W, in x's dtype: the kernel for up to `max_rows`
     rows, else (a prompt) the float product of the unpacked weight."""
+    if w.device.type != "cpu":
+        raise ValueError(f"lmforge's 4- and 8-bit kernels run on CPU; this layer's packed weight is on {w.device}: "
+                         "quantize the model on the device it runs on")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] <= max_rows:

@@ -135,3 +135,10 @@ def test_int4_layers_give_the_same_product_with_either_kernel(quant_kernel):
     y = layer(x)
     exact = F.linear(x, dequantize_groups(q, s, z), b)
     assert float((y - exact).norm() / exact.norm()) < 0.01
+
+
+def test_a_packed_weight_off_the_cpu_is_a_clear_error():
+    """The kernels run on CPU: a quantised model moved to another device says so, by name."""
+    w = qkernel.pack8(torch.randint(-127, 127, (8, 64)), torch.rand(8)).to("meta")
+    with pytest.raises(ValueError, match="run on CPU.*on meta"):
+        qkernel.linear(torch.randn(1, 64, device="meta"), w, 64, 8, None, 16)

@@ -1,0 +1,26 @@
+/* What qkernel.c (the 4/8-bit products) shares with qstep.c (a whole decoding step). */
+#ifndef LMFORGE_QKERNEL_H
+#define LMFORGE_QKERNEL_H
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+enum { QK = 32, ROWS = 4, QSEG_MAX = 4 };
+
+/* A packed weight (lmforge.models.qkernel.pack4 / pack8) and its number of output rows. */
+typedef struct {
+    const uint8_t *w;
+    int64_t n;
+} qseg;
+
+/* y (rows, sum n) = x (rows, k) [W_1; ...]^T for up to QSEG_MAX weights of `bits` with nb blocks
+ * of input each; 0, or -1 when out of memory. */
+int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int bits, int allow_simd,
+              const qseg *segs, int nseg);
+
+/* Integers from Python: np pointers (torch's data_ptr()) then want - np sizes; -1 and an exception on error. */
+int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
+                 int64_t *v);
+
+PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+#endif
