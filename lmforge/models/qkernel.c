@@ -24,12 +24,13 @@
  * The AVX2 loops are compiled for AVX2, FMA and F16C by function attribute and chosen at run time
  * (__builtin_cpu_supports); elsewhere the portable loops compute the same integer sums.
  */
+#include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
+
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "qkernel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -145,7 +146,7 @@ AVX2 static void store4(__m256 acc, __m128 extra, float out[ROWS]) {
 
 AVX2 static void dot4_q4_avx2(const uint8_t *w, const int16_t *qx, const float *dx, const float *sx, int64_t nb,
                               float out[ROWS]) {
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set1_epi16(0x0F);
     __m256 acc = _mm256_setzero_ps();
     __m128 accm = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += block_bytes(4)) {
@@ -154,11 +155,11 @@ AVX2 static void dot4_q4_avx2(const uint8_t *w, const int16_t *qx, const float *
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(qx + b * QK)), x1 = _mm256_loadu_si256((const __m256i *)(qx + b * QK + 16));
         __m256i p[ROWS];
         for (int r = 0; r < ROWS; r++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * r));
-            const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            /* byte j widened to lane j: element j in its low nibble, j + 16 in its high one */
+            const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * r)));
             /* codes 0..15 as 16-bit times 16-bit activations → 32-bit pair sums (≤ 2·15·32767) */
-            p[r] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), x0),
-                                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), x1));
+            p[r] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(raw, low), x0),
+                                    _mm256_madd_epi16(_mm256_srli_epi16(raw, 4), x1));
         }
         acc = add_scaled(p, w + ROWS * 16, dx[b], acc);
         accm = _mm_fmadd_ps(load_halves(w + ROWS * 16 + 2 * ROWS), _mm_set1_ps(sx[b]), accm); /* m · sx, 4 rows */
@@ -192,14 +193,14 @@ AVX2 static void dot4_q8_avx2(const uint8_t *w, const int16_t *qx, const float *
 /* A row group's codes widened to int16, (nb, 4, 32): for products with several activation
  * rows, the codes are unpacked once per group instead of once per row. */
 AVX2 static void widen_group(const uint8_t *w, int bits, int64_t nb, int16_t *wq) {
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set1_epi16(0x0F);
     for (int64_t b = 0; b < nb; b++, w += block_bytes(bits))
         for (int r = 0; r < ROWS; r++) {
             __m256i a, c;
             if (bits == 4) {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * r));
-                a = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-                c = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+                const __m256i raw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * r)));
+                a = _mm256_and_si256(raw, low);
+                c = _mm256_srli_epi16(raw, 4);
             } else {
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 32 * r));
                 a = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
@@ -240,20 +241,14 @@ static dot4_fn pick(int bits, int allow_simd) {
     return bits == 4 ? dot4_q4_plain : dot4_q8_plain;
 }
 
-/* y (rows, n) = x (rows, k) [W_1; W_2; ...]^T for the packed weights of `segs` (each ceil(n_i / 4)
- * groups of nb blocks, n = the sum of their n_i): one parallel pass over all their row groups. */
-int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int bits, int allow_simd,
-              const qseg *segs, int nseg) {
-    const dot4_fn dot4 = pick(bits, allow_simd);
-    int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * nb * QK));
-    float *dsx = malloc(sizeof(float) * (size_t)(2 * rows * nb));
-    if (!qx || !dsx) {
-        free(qx);
-        free(dsx);
-        return -1;
-    }
+void qk_quantize(const float *x, int64_t rows, int64_t k, int64_t nb, int16_t *qx, float *dsx) {
     for (int64_t i = 0; i < rows; i++)
         quantize_row(x + i * k, k, nb, qx + i * nb * QK, dsx + 2 * i * nb, dsx + (2 * i + 1) * nb);
+}
+
+void qk_products(float *y, const int16_t *qx, const float *dsx, int64_t rows, int64_t nb, int bits, int allow_simd,
+                 const qseg *segs, int nseg, int16_t *wq) {
+    const dot4_fn dot4 = pick(bits, allow_simd);
     int64_t first[QSEG_MAX + 1] = {0}, col[QSEG_MAX] = {0}, n = 0; /* each segment's first group and column */
     for (int s = 0; s < nseg; s++) {
         first[s + 1] = first[s] + (segs[s].n + ROWS - 1) / ROWS;
@@ -262,35 +257,49 @@ int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int
     }
     const int64_t groups = first[nseg], stride = nb * block_bytes(bits);
 #ifdef QK_X86
-    const int wide = rows > 1 && dot4 != dot4_q4_plain && dot4 != dot4_q8_plain;
+    if (dot4 == dot4_q4_plain || dot4 == dot4_q8_plain) wq = NULL;
 #else
-    const int wide = 0;
+    wq = NULL;
 #endif
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int s = 0;
+        while (g >= first[s + 1]) s++;
+        const int64_t local = g - first[s];
+        const uint8_t *wg = segs[s].w + local * stride;
+#ifdef QK_X86
+        if (wq) widen_group(wg, bits, nb, wq);
+#endif
+        for (int64_t i = 0; i < rows; i++) {
+            float out[ROWS];
+            const int16_t *xi = qx + i * nb * QK;
+            const float *dxi = dsx + 2 * i * nb, *sxi = dsx + (2 * i + 1) * nb;
+#ifdef QK_X86
+            if (wq) dot4_wide(wq, wg, bits, xi, dxi, sxi, nb, out);
+            else
+#endif
+                dot4(wg, xi, dxi, sxi, nb, out);
+            for (int r = 0; r < ROWS && local * ROWS + r < segs[s].n; r++)
+                y[i * n + col[s] + local * ROWS + r] = out[r];
+        }
+    }
+}
+
+int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int bits, int allow_simd,
+              const qseg *segs, int nseg) {
+    int16_t *qx = malloc(sizeof(int16_t) * (size_t)(rows * nb * QK));
+    float *dsx = malloc(sizeof(float) * (size_t)(2 * rows * nb));
+    if (!qx || !dsx) {
+        free(qx);
+        free(dsx);
+        return -1;
+    }
+    qk_quantize(x, rows, k, nb, qx, dsx);
 #pragma omp parallel
     {
-        int16_t *wq = wide ? malloc(sizeof(int16_t) * (size_t)(nb * ROWS * QK)) : NULL; /* this thread's */
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            int s = 0;
-            while (g >= first[s + 1]) s++;
-            const int64_t local = g - first[s];
-            const uint8_t *wg = segs[s].w + local * stride;
-#ifdef QK_X86
-            if (wq) widen_group(wg, bits, nb, wq);
-#endif
-            for (int64_t i = 0; i < rows; i++) {
-                float out[ROWS];
-                const int16_t *xi = qx + i * nb * QK;
-                const float *dxi = dsx + 2 * i * nb, *sxi = dsx + (2 * i + 1) * nb;
-#ifdef QK_X86
-                if (wq) dot4_wide(wq, wg, bits, xi, dxi, sxi, nb, out);
-                else
-#endif
-                    dot4(wg, xi, dxi, sxi, nb, out);
-                for (int r = 0; r < ROWS && local * ROWS + r < segs[s].n; r++)
-                    y[i * n + col[s] + local * ROWS + r] = out[r];
-            }
-        }
+        /* several rows: each thread widens a group's codes once for all of them */
+        int16_t *wq = rows > 1 ? malloc(sizeof(int16_t) * (size_t)(nb * ROWS * QK)) : NULL;
+        qk_products(y, qx, dsx, rows, nb, bits, allow_simd, segs, nseg, wq);
         free(wq);
     }
     free(qx);

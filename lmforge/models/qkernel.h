@@ -14,9 +14,19 @@ typedef struct {
 } qseg;
 
 /* y (rows, sum n) = x (rows, k) [W_1; ...]^T for up to QSEG_MAX weights of `bits` with nb blocks
- * of input each; 0, or -1 when out of memory. */
+ * of input each, in a parallel region of its own; 0, or -1 when out of memory. It is the two below. */
 int qk_matmul(float *y, const float *x, int64_t rows, int64_t k, int64_t nb, int bits, int allow_simd,
               const qseg *segs, int nseg);
+
+/* Each activation row x (rows, k) → its int16 codes qx (rows, nb, 32) and, per row, dx (nb) then sx (nb) in dsx. */
+void qk_quantize(const float *x, int64_t rows, int64_t k, int64_t nb, int16_t *qx, float *dsx);
+
+/* y (rows, sum n) from the quantised rows, as an OpenMP work-sharing loop over the weights' row
+ * groups: inside a parallel region its threads share them (with a barrier at the end), outside
+ * one the calling thread does all. wq: NULL, or the calling thread's nb x 4 x 32 int16 to widen
+ * a group's codes into once for all rows (worth it for rows > 1). */
+void qk_products(float *y, const int16_t *qx, const float *dsx, int64_t rows, int64_t nb, int bits, int allow_simd,
+                 const qseg *segs, int nseg, int16_t *wq);
 
 /* Integers from Python: np pointers (torch's data_ptr()) then want - np sizes; -1 and an exception on error. */
 int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,

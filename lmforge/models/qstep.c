@@ -13,12 +13,17 @@
  * and last the final norm: out = rmsnorm(x) g_final (the caller applies its LM head).
  * The products quantise their input per block of 32 as every 4-bit product does (qkernel.c), so
  * the step computes what the same model's eager step computes, up to float summation order.
+ *
+ * One OpenMP parallel region runs the whole step: the products and the attention heads are
+ * shared among its threads, the small serial pieces (norms, rotary, the cache write, SiLU,
+ * residuals) run on one of them, each piece ending on a barrier. Its threads wait there
+ * spinning, which costs less than starting a parallel region for each of ~150 pieces.
  */
+#include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "qkernel.h"
 
 enum { ATTN_NORM, WQ, WK, WV, WO, FF_NORM, WGATE, WUP, WDOWN, KCACHE, VCACHE, PER_LAYER };
 
@@ -46,62 +51,87 @@ static void rope(float *x, int64_t n, int64_t hd, const float *cos, const float 
         }
 }
 
-/* out (heads, hd) = softmax(scale q K^T) V over the cache's first pos + 1 columns. */
-static void attend(const float *q, const float *kc, const float *vc, const shape_t *s, float *out) {
+/* a . b in 8 running sums (a form compilers vectorise; a single running sum is a chain they may not reorder). */
+static float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, s = 0.f;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < 8; l++) s += acc[l];
+    return s;
+}
+
+/* out (heads, hd) = softmax(scale q K^T) V over the cache's first pos + 1 columns; the heads
+ * shared by the threads of the enclosing parallel region. p: heads x max_len scores. */
+static void attend(const float *q, const float *kc, const float *vc, const shape_t *s, float *p, float *out) {
     const int64_t group = s->heads / s->kv, len = s->pos + 1;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t h = 0; h < s->heads; h++) {
         const float *qh = q + h * s->hd, *k = kc + (h / group) * s->max_len * s->hd,
                     *v = vc + (h / group) * s->max_len * s->hd;
-        float *p = malloc(sizeof(float) * (size_t)len), *o = out + h * s->hd, top = -INFINITY, sum = 0.f;
-        if (!p) continue; /* the caller checks for NaN-free output; see py_decode_step */
+        float *ph = p + h * s->max_len, *o = out + h * s->hd, top = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < len; j++) {
-            float dot = 0.f;
-            for (int64_t i = 0; i < s->hd; i++) dot += qh[i] * k[j * s->hd + i];
-            p[j] = dot * s->scale;
-            top = fmaxf(top, p[j]);
+            ph[j] = dot(qh, k + j * s->hd, s->hd) * s->scale;
+            top = fmaxf(top, ph[j]);
         }
-        for (int64_t j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
+        for (int64_t j = 0; j < len; j++) sum += (ph[j] = expf(ph[j] - top));
         for (int64_t i = 0; i < s->hd; i++) o[i] = 0.f;
         for (int64_t j = 0; j < len; j++) {
-            const float w = p[j] / sum;
+            const float w = ph[j] / sum;
             for (int64_t i = 0; i < s->hd; i++) o[i] += w * v[j * s->hd + i];
         }
-        free(p);
     }
 }
 
-static int64_t blocks_of(int64_t k) { return (k + QK - 1) / QK; }
+/* The step's buffers, made before its parallel region (no allocation inside it). */
+typedef struct {
+    float *h, *qkv, *att, *ff, *y, *p, *dsx;
+    int16_t *qx;
+} work_t;
 
-/* y = x W^T for up to three weights side by side (their rows n1, n2, n3; 0 ends the list). */
-static int product(float *y, const float *x, int64_t k, const shape_t *s, const uint8_t *w1, int64_t n1,
-                   const uint8_t *w2, int64_t n2, const uint8_t *w3, int64_t n3) {
+static const float *f32(int64_t p) { return (const float *)(intptr_t)p; }
+static const uint8_t *u8(int64_t p) { return (const uint8_t *)(intptr_t)p; }
+
+/* y = x W^T for up to three 4-bit weights side by side: x quantised by one thread, then the
+ * products shared by all (each construct ends on a barrier). */
+static void product(float *y, const float *x, int64_t k, const shape_t *s, const work_t *w, const uint8_t *w1,
+                    int64_t n1, const uint8_t *w2, int64_t n2, const uint8_t *w3, int64_t n3) {
+    const int64_t nb = (k + QK - 1) / QK;
     const qseg segs[3] = {{w1, n1}, {w2, n2}, {w3, n3}};
-    return qk_matmul(y, x, 1, k, blocks_of(k), 4, s->simd, segs, n3 ? 3 : n2 ? 2 : 1);
+#pragma omp single
+    qk_quantize(x, 1, k, nb, w->qx, w->dsx);
+    qk_products(y, w->qx, w->dsx, 1, nb, 4, s->simd, segs, n3 ? 3 : n2 ? 2 : 1, NULL);
 }
 
-static int layer(float *x, int64_t *const t, const shape_t *s, const float *cos, const float *sin, float *work) {
+/* One layer, run by every thread of the step's parallel region. */
+static void layer(float *x, const int64_t *t, const shape_t *s, const float *cos, const float *sin, const work_t *w) {
     const int64_t d = s->d, nq = s->heads * s->hd, nk = s->kv * s->hd;
-    float *h = work, *qkv = h + d, *att = qkv + nq + 2 * nk, *ff = att + nq, *y = ff + 2 * s->ff;
-    float *kc = (float *)(intptr_t)t[KCACHE], *vc = (float *)(intptr_t)t[VCACHE];
-    rmsnorm(x, (const float *)(intptr_t)t[ATTN_NORM], d, s->eps, h);
-    if (product(qkv, h, d, s, (const uint8_t *)(intptr_t)t[WQ], nq, (const uint8_t *)(intptr_t)t[WK], nk,
-                (const uint8_t *)(intptr_t)t[WV], nk)) return -1;
-    rope(qkv, s->heads + s->kv, s->hd, cos, sin); /* the q heads, then the k heads */
-    for (int64_t g = 0; g < s->kv; g++) {
-        memcpy(kc + (g * s->max_len + s->pos) * s->hd, qkv + nq + g * s->hd, sizeof(float) * (size_t)s->hd);
-        memcpy(vc + (g * s->max_len + s->pos) * s->hd, qkv + nq + nk + g * s->hd, sizeof(float) * (size_t)s->hd);
+    float *kc = (float *)(intptr_t)t[KCACHE], *vc = (float *)(intptr_t)t[VCACHE], *ff = w->ff;
+#pragma omp single
+    rmsnorm(x, f32(t[ATTN_NORM]), d, s->eps, w->h);
+    product(w->qkv, w->h, d, s, w, u8(t[WQ]), nq, u8(t[WK]), nk, u8(t[WV]), nk);
+#pragma omp single
+    {
+        rope(w->qkv, s->heads + s->kv, s->hd, cos, sin); /* the q heads, then the k heads */
+        for (int64_t g = 0; g < s->kv; g++) {
+            memcpy(kc + (g * s->max_len + s->pos) * s->hd, w->qkv + nq + g * s->hd, sizeof(float) * (size_t)s->hd);
+            memcpy(vc + (g * s->max_len + s->pos) * s->hd, w->qkv + nq + nk + g * s->hd, sizeof(float) * (size_t)s->hd);
+        }
     }
-    attend(qkv, kc, vc, s, att);
-    if (product(y, att, nq, s, (const uint8_t *)(intptr_t)t[WO], d, NULL, 0, NULL, 0)) return -1;
-    for (int64_t i = 0; i < d; i++) x[i] += y[i];
-    rmsnorm(x, (const float *)(intptr_t)t[FF_NORM], d, s->eps, h);
-    if (product(ff, h, d, s, (const uint8_t *)(intptr_t)t[WGATE], s->ff, (const uint8_t *)(intptr_t)t[WUP], s->ff,
-                NULL, 0)) return -1;
+    attend(w->qkv, kc, vc, s, w->p, w->att);
+    product(w->y, w->att, nq, s, w, u8(t[WO]), d, NULL, 0, NULL, 0);
+#pragma omp single
+    {
+        for (int64_t i = 0; i < d; i++) x[i] += w->y[i];
+        rmsnorm(x, f32(t[FF_NORM]), d, s->eps, w->h);
+    }
+    product(ff, w->h, d, s, w, u8(t[WGATE]), s->ff, u8(t[WUP]), s->ff, NULL, 0);
+#pragma omp single
     for (int64_t i = 0; i < s->ff; i++) ff[i] = ff[i] / (1.f + expf(-ff[i])) * ff[s->ff + i];
-    if (product(y, ff, s->ff, s, (const uint8_t *)(intptr_t)t[WDOWN], d, NULL, 0, NULL, 0)) return -1;
-    for (int64_t i = 0; i < d; i++) x[i] += y[i];
-    return 0;
+    product(w->y, ff, s->ff, s, w, u8(t[WDOWN]), d, NULL, 0, NULL, 0);
+#pragma omp single
+    for (int64_t i = 0; i < d; i++) x[i] += w->y[i];
 }
 
 /* decode_step(out, x, table, cos, sin, final_norm, n_layers, d, heads, kv, hd, ff, pos, max_len, simd, eps, scale):
@@ -128,17 +158,32 @@ PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
                      (long long)s.pos, (long long)s.max_len);
         return NULL;
     }
-    const int64_t nq = s.heads * s.hd, nk = s.kv * s.hd;
-    float *work = malloc(sizeof(float) * (size_t)(2 * s.d + 2 * nq + 2 * nk + 2 * s.ff + s.d));
-    if (!work) return PyErr_NoMemory();
-    int rc = 0;
+    const int64_t nq = s.heads * s.hd, nk = s.kv * s.hd, widest = s.ff > nq ? s.ff : nq;
+    const int64_t nb = (widest > s.d ? widest : s.d) / QK + 1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * s.d + 2 * nq + 2 * nk + 2 * s.ff + s.heads * s.max_len + 2 * nb));
+    int16_t *qx = malloc(sizeof(int16_t) * (size_t)(nb * QK));
+    if (!buf || !qx) {
+        free(buf);
+        free(qx);
+        return PyErr_NoMemory();
+    }
+    work_t w = {.h = buf, .qkv = buf + s.d, .qx = qx};
+    w.att = w.qkv + nq + 2 * nk;
+    w.ff = w.att + nq;
+    w.y = w.ff + 2 * s.ff;
+    w.p = w.y + s.d;
+    w.dsx = w.p + s.heads * s.max_len;
     float *x = p[1];
-    int64_t *table = p[2];
+    const int64_t *table = p[2];
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t l = 0; l < v[0] && !rc; l++) rc = layer(x, table + l * PER_LAYER, &s, p[3], p[4], work);
-    if (!rc) rmsnorm(x, p[5], s.d, s.eps, p[0]);
+#pragma omp parallel
+    {
+        for (int64_t l = 0; l < v[0]; l++) layer(x, table + l * PER_LAYER, &s, p[3], p[4], &w);
+#pragma omp single
+        rmsnorm(x, p[5], s.d, s.eps, p[0]);
+    }
     Py_END_ALLOW_THREADS
-    free(work);
-    if (rc) return PyErr_NoMemory();
+    free(buf);
+    free(qx);
     Py_RETURN_NONE;
 }
