@@ -267,15 +267,17 @@ class DecoderState:
                                attention_mask=None if attention_mask is None else attention_mask[:, :end],
                                position_ids=None if positions is None else positions[:, start:end])
         if native:
-            state._native = NativeStep(model, cache)
+            state._native = NativeStep(model, cache.buf)
         return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
         if self._native is not None:
-            if self._native.serves(self.cache):
-                return self._native(tokens)
+            if self._native.serves(self.cache.buf) and self.cache.batch == 1:
+                logits = self._native(int(tokens.reshape(-1)[0]), self.cache.pos)
+                self.cache.pos += 1
+                return logits
             self._native = None  # beam search made rows of the cache: the eager step from now on
         if self.compiled:
             return self._compiled_step(tokens)

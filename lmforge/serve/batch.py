@@ -7,7 +7,9 @@ next-token logits), then `advance` chooses the next
 token of every running sequence with that request's own options, sends the events, frees
 the slots of the sequences that ended (the last slots move into the holes, so the running
 ones stay 0..n-1) and runs one decoding step for all the others together: each row's token
-at that row's own position, each row's keys masked beyond its own length.
+at that row's own position, each row's keys masked beyond its own length. While one sequence
+runs, on a model `lmforge.generate.native` takes (int4 Llama-family on lmforge's kernel), that
+step is its one native call instead.
 
 Token choice per row reuses generation's filters: one argmax for every row (greedy rows take
 it), then per row the ones that need more (penalties, sampling with the request's own
@@ -24,6 +26,7 @@ import torch
 
 from lmforge.generate.compiled import weights_version
 from lmforge.generate.filters import SamplingParams, min_new_tokens_filter, sample_next
+from lmforge.generate.native import NativeStep, native_fits
 from lmforge.generate.sampling import is_penalised, penalties
 from lmforge.generate.state import Prepared
 from lmforge.generate.stream import Detokenizer
@@ -76,6 +79,8 @@ class Batch:
                      and packing_pays(cfg.d_model, cfg.d_ff, min(self.max_batch, 16)))
         self._packed: PackedLinears | None = None
         self._version: tuple | None = None  # weights_version when the packed weights and prefix cache were made
+        self._native: NativeStep | None = None  # one sequence's step, on slot 0 of the cache's buffer
+        self._native_ok = False  # whether the model takes it (checked once per busy period)
         if self.pack:  # now, not at the first request
             self._repack()
         self.cache = SlotCache.for_model(cfg, bb.tokens.weight.dtype, bb.tokens.weight.device)
@@ -84,7 +89,7 @@ class Batch:
 
     def _repack(self) -> None:
         self._version = weights_version(self.model)
-        self._packed = None
+        self._packed = self._native = None
         if self.pack:
             self._packed = PackedLinears(self.max_batch)
             with torch.inference_mode():
@@ -111,6 +116,7 @@ class Batch:
                     self.prefix.clear()
                 self._repack()
             self.cache.blocks = self._packed if self._packed is not None else RowBlocks()
+            self._native_ok = native_fits(self.model)
         found = sorted(((req, p, *(self.prefix.match(p.ids[0].tolist()) if self.prefix is not None else (0, None)))
                         for req, p in reqs), key=lambda r: r[2])
         groups: list[list] = []  # rows that reuse m >= start, at most 2 * start + 16 tokens, start together
@@ -250,6 +256,14 @@ class Batch:
     def _step(self, tokens: list[int]) -> None:
         """Feed each row its token at its own position; keep the next-token logits."""
         seqs, cache = self.seqs, self.cache
+        if len(seqs) == 1 and self._native_ok:
+            if self._native is None or not self._native.serves(cache.buf):  # made anew when the cache grows
+                self._native = NativeStep(self.model, cache.buf)
+            self.logits = self._native(tokens[0], seqs[0].pos)
+            seqs[0].pos += 1
+            self.stats["steps"] += 1
+            self.stats["batch_tokens"] += 1
+            return
         dev = cache.buf.device
         pos = [s.pos for s in seqs]
         top = max(pos)
