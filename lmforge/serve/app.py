@@ -22,6 +22,8 @@ import asyncio
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
+
 try:
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse
@@ -61,10 +63,12 @@ def create_app(model_dir, *, model_name: str | None = None, api_key: str | None 
     shutdown_timeout seconds."""
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread serves HTTP; the engine's thread gets the threads (see Engine)
     model, tok = api.load(model_dir, quantize=quantize, int8=int8)
     if tok is None:
         raise ValueError(f"{model_dir}: the server needs a tokenizer next to the model")
-    engine, metrics = Engine(model, tok, limits), Metrics()
+    engine, metrics = Engine(model, tok, limits, threads=threads), Metrics()
     s = Server(model, tok, engine, metrics, model_name or default_model_name(model_dir))
 
     @asynccontextmanager

@@ -273,3 +273,15 @@ def test_embeddings_waiting_together_run_as_one_call(monkeypatch):
             engine.submit(tok.encode("a"), GenerationConfig())
     finally:
         engine.close()
+
+
+def test_the_engine_thread_runs_with_the_threads_it_is_given(loaded):
+    """`lmforge serve` loads at one thread and hands the engine the rest (see Engine's doc)."""
+    model, tok = loaded
+    before = torch.get_num_threads()
+    e = Engine(model, tok, threads=1)
+    try:
+        assert e.call(torch.get_num_threads).result() == 1
+    finally:
+        e.close()
+        torch.set_num_threads(before)  # torch's count is one for the process
