@@ -9,13 +9,13 @@ models in float32 with TF32 off, built the way the CPU tests build them
 (tests/interop/test_hf_parity.py, tests/generate/test_generate.py, tests/train/test_train.py).
 """
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers as T
 
 from lmforge.config import ModelConfig
 from lmforge.data.batches import lm_batches
@@ -28,6 +28,7 @@ from lmforge.objectives import causal_lm
 from lmforge.tokenizer import train_tokenizer_from_iterator
 from lmforge.train.loop import TrainConfig, train
 from tests.conftest import tiny_hf
+from tests.generate.test_generate import pairs  # noqa: F401  (a fixture: the CPU tests' models)
 from tests.generate.test_generate import BEAM_CASES, NEW, eos_from_output, hf_new_tokens, prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -92,34 +93,22 @@ def test_logits_match_hf_on_cuda(tmp_path, padded_batch, arch):
 
 # ---- 2. generation --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """arch -> (HF model on CUDA, our model on CUDA, our model on CPU), the same random weights,
-    made as tests/generate/test_generate.py makes them; built on first use."""
+def on_cuda(pairs):
+    """arch -> (HF model on CUDA, our model on CUDA, our model on CPU): copies of the CPU tests'
+    pair (tests/generate/test_generate.py's `pairs`, the same random weights), built on first use."""
     cache = {}
 
     def get(arch):
         if arch not in cache:
-            ref = tiny_hf(arch)
-            torch.manual_seed(3)
-            with torch.no_grad():  # larger weights than the default init: varied, non-repeating outputs
-                for name, p in ref.named_parameters():
-                    if p.ndim == 2 and "embed_positions" not in name:
-                        p.normal_(0, 0.3)
-            d = tmp_path_factory.mktemp(arch)
-            ref.save_pretrained(d)
-            ours, ours_cpu = load_hf(d).eval().to(DEVICE), load_hf(d).eval()
-            c = ours.cfg  # only what we pass: none of HF's defaults (forced EOS, ...)
-            ref.generation_config = T.GenerationConfig(
-                bos_token_id=c.bos_id, eos_token_id=c.eos_id, decoder_start_token_id=c.decoder_start_id,
-                pad_token_id=c.pad_id if c.pad_id is not None else c.eos_id)
-            cache[arch] = ref.to(DEVICE), ours, ours_cpu
+            ref, ours = pairs(arch)
+            cache[arch] = copy.deepcopy(ref).to(DEVICE), copy.deepcopy(ours).to(DEVICE), ours
         return cache[arch]
     return get
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_hf_and_cpu_on_cuda(pairs, arch):
-    ref, ours, ours_cpu = pairs(arch)
+def test_greedy_matches_hf_and_cpu_on_cuda(on_cuda, arch):
+    ref, ours, ours_cpu = on_cuda(arch)
     ids, mask = _on(DEVICE, *prompts(ours, batch=2))  # row 1 padded (left for decoders, right for T5)
     early = eos_from_output(ours, ids, mask, 1)  # an EOS id the rows reach
     for eos, min_new in (([ours.cfg.eos_id], 0), (early, 0), (early, 5)):
@@ -133,8 +122,8 @@ def test_greedy_matches_hf_and_cpu_on_cuda(pairs, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_beam_search_matches_hf_on_cuda(pairs, arch):
-    ref, ours, _ = pairs(arch)
+def test_beam_search_matches_hf_on_cuda(on_cuda, arch):
+    ref, ours, _ = on_cuda(arch)
     ids, mask = _on(DEVICE, *prompts(ours))
     eos = eos_from_output(ours, ids, mask)  # two EOS ids that the beams do reach
     finished_early = False
@@ -162,8 +151,8 @@ def _full_logits(model, src, new):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_decoding_equals_uncached_on_cuda(pairs, arch):
-    _, ours, _ = pairs(arch)
+def test_cached_decoding_equals_uncached_on_cuda(on_cuda, arch):
+    _, ours, _ = on_cuda(arch)
     src = prompts(ours, batch=1)[0].to(DEVICE)
     new = torch.zeros(1, 0, dtype=torch.long, device=DEVICE)
     for _ in range(NEW):
@@ -173,8 +162,8 @@ def test_cached_decoding_equals_uncached_on_cuda(pairs, arch):
 
 # ---- 3. sampling ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_seeded_sampling_on_cuda(pairs, arch):
-    _, ours, _ = pairs(arch)
+def test_seeded_sampling_on_cuda(on_cuda, arch):
+    _, ours, _ = on_cuda(arch)
     ids, mask = _on(DEVICE, *prompts(ours))
     run = lambda seed: generate(ours, ids, mask, max_new_tokens=NEW, strategy="sample", temperature=0.8,  # noqa: E731
                                 top_k=20, top_p=0.9, seed=seed, eos_ids=[])
