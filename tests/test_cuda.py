@@ -29,7 +29,7 @@ from lmforge.tokenizer import train_tokenizer_from_iterator
 from lmforge.train.loop import TrainConfig, train
 from tests.conftest import tiny_hf
 from tests.generate.test_generate import pairs  # noqa: F401  (a fixture: the CPU tests' models)
-from tests.generate.test_generate import BEAM_CASES, NEW, eos_from_output, hf_new_tokens, prompts
+from tests.generate.test_generate import NEW, beam_search_matches_hf, eos_from_output, hf_new_tokens, prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -124,21 +124,7 @@ def test_greedy_matches_hf_and_cpu_on_cuda(on_cuda, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_beam_search_matches_hf_on_cuda(on_cuda, arch):
     ref, ours, _ = on_cuda(arch)
-    ids, mask = _on(DEVICE, *prompts(ours))
-    eos = eos_from_output(ours, ids, mask)  # two EOS ids that the beams do reach
-    finished_early = False
-    for lp, es in BEAM_CASES:
-        kw = dict(max_new_tokens=NEW, num_beams=4, length_penalty=lp, early_stopping=es, no_repeat_ngram_size=3,
-                  num_return_sequences=2)
-        out = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=eos,
-                           output_scores=True, return_dict_in_generate=True, **kw)
-        got = generate(ours, ids, mask, strategy="beam", eos_ids=eos, **kw)
-        assert got.sequences.device.type == DEVICE.type
-        assert got.tolist() == hf_new_tokens(ref, out.sequences, ids, eos)
-        assert got.scores.shape == out.sequences_scores.shape == (6,)
-        assert (got.scores - out.sequences_scores).abs().max().item() <= 1e-4
-        finished_early |= bool((got.lengths < NEW).any())
-    assert finished_early  # the EOS paths were exercised
+    beam_search_matches_hf(ref, ours, *_on(DEVICE, *prompts(ours)))
 
 
 def _full_logits(model, src, new):

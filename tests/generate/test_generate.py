@@ -97,10 +97,9 @@ def test_greedy_penalties_match_hf(pairs):
 BEAM_CASES = [(1.0, True), (0.6, True), (0.6, False), (2.0, "never")]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "t5", "llama", "bart"])
-def test_beam_search_matches_hf(pairs, arch):
-    ref, ours = pairs(arch)
-    ids, mask = prompts(ours)
+def beam_search_matches_hf(ref, ours, ids, mask) -> None:
+    """Every case of BEAM_CASES: the same hypotheses and scores as HF, some ending on EOS (also
+    run on CUDA by tests/test_cuda.py)."""
     eos = eos_from_output(ours, ids, mask)  # two EOS ids that the beams do reach
     finished_early = False
     for lp, es in BEAM_CASES:
@@ -109,11 +108,18 @@ def test_beam_search_matches_hf(pairs, arch):
         out = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=eos,
                            output_scores=True, return_dict_in_generate=True, **kw)
         got = generate(ours, ids, mask, strategy="beam", eos_ids=eos, **kw)
+        assert got.sequences.device == ids.device
         assert got.tolist() == hf_new_tokens(ref, out.sequences, ids, eos)
         assert got.scores.shape == out.sequences_scores.shape == (6,)
         assert (got.scores - out.sequences_scores).abs().max().item() <= 1e-4
         finished_early |= bool((got.lengths < NEW).any())
     assert finished_early  # the EOS paths were exercised
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "llama", "bart"])
+def test_beam_search_matches_hf(pairs, arch):
+    ref, ours = pairs(arch)
+    beam_search_matches_hf(ref, ours, *prompts(ours))
 
 
 def test_sampling_matches_hf_under_the_same_seed(pairs):

@@ -65,6 +65,15 @@ def test_native_greedy_and_sampling_equal_eager(int4_llama, monkeypatch):
     assert native[1].tolist() == eager[1].tolist()
 
 
+def test_prompt_lookup_mixes_native_steps_and_eager_passes(int4_llama, monkeypatch):
+    """Prompt lookup checks its guesses in eager passes over the same cache and rewinds it; the
+    native steps between them write and read that cache at its position: the greedy tokens."""
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # a repeating prompt: guesses to check
+    looked = generate(int4_llama, ids, max_new_tokens=16, eos_ids=[], prompt_lookup=3)
+    _eager(monkeypatch)
+    assert looked.tolist() == generate(int4_llama, ids, max_new_tokens=16, eos_ids=[]).tolist()
+
+
 def test_beam_search_leaves_the_native_step(int4_llama, monkeypatch):
     """Beam search makes rows of the cache after the prompt: the state then steps eagerly."""
     ids = _one_prompt(int4_llama)
