@@ -31,7 +31,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define QK_X86 1

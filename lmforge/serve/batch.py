@@ -260,10 +260,16 @@ class Batch:
             if self._native is None or not self._native.serves(cache.buf):  # made anew when the cache grows
                 self._native = NativeStep(self.model, cache.buf)
             self.logits = self._native(tokens[0], seqs[0].pos)
-            seqs[0].pos += 1
-            self.stats["steps"] += 1
-            self.stats["batch_tokens"] += 1
-            return
+        else:
+            self.logits = self._batched_step(tokens)
+        for s in seqs:
+            s.pos += 1
+        self.stats["steps"] += 1
+        self.stats["batch_tokens"] += len(seqs)
+
+    def _batched_step(self, tokens: list[int]) -> torch.Tensor:
+        """The running rows' tokens through the model together: their next-token logits (n, V)."""
+        seqs, cache = self.seqs, self.cache
         dev = cache.buf.device
         pos = [s.pos for s in seqs]
         top = max(pos)
@@ -274,11 +280,7 @@ class Batch:
             mask = torch.arange(top + 1, device=dev) <= positions[:, None]  # (n, top + 1)
         hidden = self.model.backbone.decode(torch.tensor(tokens, device=dev).view(-1, 1), attention_mask=mask,
                                             position_ids=positions.view(-1, 1), cache=cache)
-        self.logits = self.model.logits(hidden)[:, 0].float()
-        for s in seqs:
-            s.pos += 1
-        self.stats["steps"] += 1
-        self.stats["batch_tokens"] += len(seqs)
+        return self.model.logits(hidden)[:, 0].float()
 
     def fail(self, reason: str) -> None:
         """End every running request with `reason` (the engine hit an error) and empty the batch."""
