@@ -1,5 +1,7 @@
-"""A decoding step in one native call, for one sequence through a Llama-family decoder whose
-layers hold lmforge's 4-bit weights (`Int4Linear` with its `native` buffer).
+"""A decoding step in one native call: `NativeStep` for one sequence through a Llama-family
+decoder whose layers hold lmforge's 4-bit weights (`Int4Linear` with its `native` buffer), and
+`FloatStep` for B rows through a float32 pre-norm decoder (GPT-2-, Llama- and T5-like; the
+decoder of an encoder-decoder too).
 
 A step of a small model at batch 1 issues about 150 kernels (4 products, attention, norms and
 element-wise ops per layer). Eagerly, or even compiled by Inductor, each costs several
@@ -14,7 +16,17 @@ decoder-only, RMSNorm before each block, rotary positions, a gated SiLU feed-for
 biases, every projection 4-bit on lmforge's kernel, float32 on CPU. Elsewhere, and once beam
 search has made rows of the cache, the state steps eagerly or compiled as before. The server's
 engine (`lmforge.serve.batch`) steps through it while one sequence runs. `LMFORGE_NATIVE_STEP=0`
-turns it off (to measure the difference, or to rule it out).
+turns it off (to measure the difference, or to rule it out), and the float step too.
+
+The float step (`fstep.c`) is the same idea for float32 weights and any number of rows:
+norms (LayerNorm or RMSNorm), q/k/v with their biases, rotary positions per row, the cache
+write, attention with each row's padding mask and T5's relative position bias, cross-attention
+over the encoder memory's keys and values (projected once, at the first step), the
+feed-forward (plain or gated; ReLU, GELU, SiLU), the final norm and the LM head, all in one
+call. Its products are tiled for few rows: at 1-8 rows BLAS libraries are at their weakest.
+`DecoderState` uses it for float32 models on CPU where `float_fits` (pre-norm; no token types,
+embedding norm or quantised layers) for batches of up to `FLOAT_ROWS_MAX` rows; beam search
+included (the cache's rows are read where they are after each reorder).
 """
 
 from __future__ import annotations
@@ -25,8 +37,12 @@ import os
 import torch
 
 from lmforge.models import qkernel
+from lmforge.models.heads import LMHead
 from lmforge.models.int4 import Int4Linear
+from lmforge.nn.attention import KVCache
 from lmforge.nn.layers import RMSNorm
+
+FLOAT_ROWS_MAX = int(os.environ.get("LMFORGE_FLOAT_STEP_ROWS", 32))  # rows beyond it: the batched BLAS step
 
 _WEIGHTS = ("attn.q", "attn.k", "attn.v", "attn.o", "ff.gate", "ff.up", "ff.down")
 
@@ -90,3 +106,134 @@ class NativeStep:
                             cfg.n_decoder_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                             cfg.d_ff, pos, self.length, cfg.norm_eps, self.scale)
         return self.model.logits(self.out)[:, 0].float()
+
+
+# ---- float32, B rows ---------------------------------------------------------------------------
+_ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "geglu": 2, "silu": 3, "swiglu": 3}  # fstep.c's ACT_*
+_FIELDS = ("attn_norm.weight", "attn_norm.bias", "attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias",
+           "attn.v.weight", "attn.v.bias", "attn.o.weight", "attn.o.bias", "cross_norm.weight", "cross_norm.bias",
+           "cross.q.weight", "cross.q.bias", "cross.o.weight", "cross.o.bias", "ff_norm.weight", "ff_norm.bias",
+           "ff.up.weight", "ff.up.bias", "ff.gate.weight", "ff.gate.bias", "ff.down.weight", "ff.down.bias")
+
+
+def _enabled() -> bool:
+    return qkernel.available() and os.environ.get("LMFORGE_NATIVE_STEP", "1") != "0"
+
+
+def float_fits(model, rows: int) -> bool:
+    """Whether `FloatStep` can run this model for a batch of `rows` rows."""
+    cfg, stack = model.cfg, model.backbone.decoder
+    if not (_enabled() and 1 <= rows <= FLOAT_ROWS_MAX and cfg.family in ("decoder", "encoder-decoder")
+            and cfg.norm_placement == "pre" and cfg.activation in _ACT and not model.training
+            and stack.types is None and stack.embed_norm is None and stack.norm is not None
+            and not (cfg.position == "rope" and cfg.head_dim % 2)):
+        return False
+    tensors = [t for b in stack.layers for name in _FIELDS for t in [_get(b, name)] if t is not None]
+    tensors += [model.backbone.tokens.weight, stack.norm.weight]
+    norms = [m for b in stack.layers for m in (b.attn_norm, b.cross_norm, b.ff_norm) if m is not None]
+    linears = [m for b in stack.layers for m in b.modules() if "Linear" in type(m).__name__]
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and all(type(m) in (RMSNorm, torch.nn.LayerNorm) for m in [*norms, stack.norm])
+            and all(isinstance(m, torch.nn.Linear) for m in linears))
+
+
+def _get(block, name: str):
+    """block's tensor at a dotted name, or None where the module or the tensor is absent."""
+    *path, attr = name.split(".")
+    m = block
+    for part in path:
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return getattr(m, attr, None)
+
+
+class FloatStep:
+    """One token per row through a float32 model in one call to `fstep.c` (see the module's doc).
+    Made per generation: it reads the weights' data where they are when it is made."""
+
+    def __init__(self, model):
+        cfg, stack = model.cfg, model.backbone.decoder
+        self.model, self.cfg, self.stack = model, cfg, stack
+        self.keep = []  # contiguous copies where a weight is not (the table points into them)
+        self.table = torch.tensor([[self._ptr(_get(b, name)) for name in _FIELDS] for b in stack.layers],
+                                  dtype=torch.int64)
+        self.final = (self._ptr(stack.norm.weight), self._ptr(getattr(stack.norm, "bias", None)))
+        head = model.lm_head
+        self.head = None
+        if type(head) is LMHead:  # a float head: its product in the same call
+            w = model.backbone.tokens.weight if head.weight is None else head.weight
+            self.head = (self._ptr(w), self._ptr(head.bias), float(head.scale))
+        self.tokens = model.backbone.tokens.weight.detach()
+        self.embed_scale = stack.embed_scale
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(cfg.head_dim)
+        self.rms = int(cfg.norm == "rmsnorm")
+        self.rope = None  # (cos, sin) of every position of the cache, made at the first step
+        self.cross = None  # (the cache's cross k/v it was made from, their contiguous copies, the pointer table)
+
+    def _ptr(self, t) -> int:
+        if t is None:
+            return 0
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+            self.keep.append(t)
+        return t.data_ptr()
+
+    def _cross(self, cache: KVCache):
+        """The pointer table of the encoder memory's keys and values (made anew when they change:
+        the first step projects them, a beam search's first reorder repeats them per beam)."""
+        if self.cross is None or any(a is not b for a, b in zip(self.cross[0], cache.cross)):
+            copies = [(k.contiguous(), v.contiguous()) for k, v in cache.cross]
+            table = torch.tensor([[k.data_ptr(), v.data_ptr()] for k, v in copies], dtype=torch.int64)
+            self.cross = (list(cache.cross), copies, table)
+        return self.cross
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tokens (B,) at the cache's next column (keys and values written there; each row
+        attends to the columns its mask keeps, mask (B, cache length), None: all);
+        positions (B, 1): each row's position (padded rows), None: the column. Returns the
+        next-token logits (B, V) in float32. The caller advances the cache and positions."""
+        cfg, stack, B, pos = self.cfg, self.stack, tokens.shape[0], cache.pos
+        buf = cache.buf
+        if pos >= cache.max_len:
+            raise ValueError(f"KV cache is full: {pos + 1} positions needed, {cache.max_len} allocated")
+        x = self.tokens.index_select(0, tokens.reshape(-1))
+        if self.embed_scale != 1.0:
+            x.mul_(self.embed_scale)
+        rows = None if positions is None else positions.reshape(-1).contiguous()
+        if stack.positions is not None or hasattr(stack, "sinusoid"):
+            table = stack.positions.weight if stack.positions is not None else stack.sinusoid
+            offset = cfg.pos_offset if stack.positions is not None else 0
+            x.add_(table[pos + offset] if rows is None else table[rows + offset])
+        cos = sin = 0
+        if stack.rope is not None:
+            if self.rope is None or self.rope[0].shape[0] < cache.max_len:
+                c, s = stack.rope(torch.arange(cache.max_len)[None])
+                self.rope = c.reshape(cache.max_len, -1).contiguous(), s.reshape(cache.max_len, -1).contiguous()
+            cos, sin = self.rope[0].data_ptr(), self.rope[1].data_ptr()
+        rel, rel_n = 0, 0
+        if stack.rel_bias is not None:
+            if cache.rel_bias is None:
+                cache.rel_bias = stack.rel_bias.table(cache.max_len)
+            rel, rel_n = cache.rel_bias.data_ptr(), (cache.rel_bias.shape[1] + 1) // 2
+        cross, S = 0, 0
+        if cfg.family == "encoder-decoder":
+            _, copies, table = self._cross(cache)
+            cross, S = table.data_ptr(), copies[0][0].shape[2]
+        if mask is not None:
+            mask = mask.contiguous()
+        if memory_mask is not None:
+            memory_mask = memory_mask.to(torch.int64).contiguous()
+        out = torch.empty(B, cfg.vocab_size if self.head else cfg.d_model)
+        head_w, head_b, logit_scale = self.head or (0, 0, 1.0)
+        qkernel.float_step(out, x, self.table, cross, buf, 0 if mask is None else mask.data_ptr(),
+                           0 if rows is None else rows.data_ptr(), cos, sin, rel,
+                           0 if memory_mask is None else memory_mask.data_ptr(), *self.final, head_w, head_b,
+                           cfg.n_decoder_layers, B, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           buf.shape[2], buf.shape[4], pos, S, cfg.vocab_size, rel_n, self.rms,
+                           _ACT[cfg.activation], cfg.norm_eps, self.scale, logit_scale)
+        if self.head is None:
+            return self.model.logits(out[:, None])[:, 0].float()
+        return out

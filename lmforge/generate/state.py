@@ -18,7 +18,7 @@ import torch
 
 from lmforge.generate.compiled import bucket_length, compiled_step
 from lmforge.generate.config import GenerationConfig, _count
-from lmforge.generate.native import NativeStep, native_fits
+from lmforge.generate.native import FLOAT_ROWS_MAX, FloatStep, NativeStep, float_fits, native_fits
 from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
 from lmforge.nn.linear import RowBlocks
@@ -215,6 +215,7 @@ class DecoderState:
         self.compiled = compiled  # steps through `compiled_step` (after the first, for encoder-decoders)
         self._step = None  # (shape, its compiled step): the weights do not change within a generation
         self._native = None  # a `NativeStep` where it applies (one unpadded row; see lmforge.generate.native)
+        self._float = None  # a `FloatStep` where it applies (float32 on CPU; see lmforge.generate.native)
 
     @classmethod
     @torch.inference_mode()
@@ -240,7 +241,8 @@ class DecoderState:
         seq2seq = cfg.family == "encoder-decoder"
         length = max_new_tokens + 1 if seq2seq else S + max_new_tokens
         native = B == 1 and attention_mask is None and native_fits(model)
-        compiled = compiled and not native  # the native step is the faster of the two where it applies
+        floating = not native and float_fits(model, B)
+        compiled = compiled and not (native or floating)  # a native step is the faster where it applies
         if compiled:  # a length that later generations share (one compiled graph per length)
             length = bucket_length(length, cfg.max_len)
         cache = KVCache.for_model(cfg, B, length, dtype, dev, blocks, per_layer=compiled)
@@ -252,6 +254,8 @@ class DecoderState:
             start = torch.full((B,), cfg.decoder_start_id, dtype=torch.long, device=dev)
             logits = state.step(start)  # eager: it projects the encoder memory for cross-attention
             state.compiled = compiled
+            if floating:
+                state._float = FloatStep(model)
             return state, logits
         if attention_mask is None:
             state, positions = cls(model, cache, compiled=compiled), None
@@ -268,6 +272,8 @@ class DecoderState:
                                position_ids=None if positions is None else positions[:, start:end])
         if native:
             state._native = NativeStep(model, cache.buf)
+        if floating:
+            state._float = FloatStep(model)
         return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
     @torch.inference_mode()
@@ -279,6 +285,12 @@ class DecoderState:
                 self.cache.pos += 1
                 return logits
             self._native = None  # beam search made rows of the cache: the eager step from now on
+        if self._float is not None and tokens.numel() <= FLOAT_ROWS_MAX:
+            logits = self._float(tokens, self.cache, self.mask, self.positions, self.memory_mask)
+            self.cache.pos += 1
+            if self.positions is not None:
+                self.positions = self.positions + 1
+            return logits
         if self.compiled:
             return self._compiled_step(tokens)
         cache, mask = self.cache, self.mask

@@ -429,6 +429,7 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x W^T for packed W (see the source)."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "The float weight of packed W."},
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "One decoding step (see qstep.c)."},
+    {"float_step", (PyCFunction)(void (*)(void))py_float_step, METH_FASTCALL, "One float32 decoding step (see fstep.c)."},
     {NULL, NULL, 0, NULL},
 };
 

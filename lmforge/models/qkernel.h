@@ -1,4 +1,5 @@
-/* What qkernel.c (the 4/8-bit products) shares with qstep.c (a whole decoding step). */
+/* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step) and fstep.c (a whole
+ * float32 decoding step) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
@@ -32,5 +33,13 @@ void qk_products(float *y, const int16_t *qx, const float *dsx, int64_t rows, in
 int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
                  int64_t *v);
 
+/* qstep.c's pieces that fstep.c shares. out = x / sqrt(mean(x^2) + eps) * g: */
+void qk_rmsnorm(const float *x, const float *g, int64_t d, float eps, float *out);
+/* x (n heads of hd) rotated in place: x cos + rotate_half(x) sin (HF's rotate-half RoPE). */
+void qk_rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin);
+/* a . b in 8 running sums (a form compilers vectorise; one running sum is a chain they may not reorder). */
+float qk_dot(const float *a, const float *b, int64_t n);
+
+PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

@@ -33,15 +33,14 @@ typedef struct {
     float eps, scale;
 } shape_t;
 
-static void rmsnorm(const float *x, const float *g, int64_t d, float eps, float *out) {
+void qk_rmsnorm(const float *x, const float *g, int64_t d, float eps, float *out) {
     float ss = 0.f;
     for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
     const float r = 1.f / sqrtf(ss / (float)d + eps);
     for (int64_t i = 0; i < d; i++) out[i] = x[i] * r * g[i];
 }
 
-/* x (n heads of hd) rotated in place: x cos + rotate_half(x) sin. */
-static void rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin) {
+void qk_rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin) {
     const int64_t half = hd / 2;
     for (int64_t h = 0; h < n; h++, x += hd)
         for (int64_t i = 0; i < half; i++) {
@@ -51,8 +50,7 @@ static void rope(float *x, int64_t n, int64_t hd, const float *cos, const float 
         }
 }
 
-/* a . b in 8 running sums (a form compilers vectorise; a single running sum is a chain they may not reorder). */
-static float dot(const float *a, const float *b, int64_t n) {
+float qk_dot(const float *a, const float *b, int64_t n) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, s = 0.f;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -72,7 +70,7 @@ static void attend(const float *q, const float *kc, const float *vc, const shape
                     *v = vc + (h / group) * s->max_len * s->hd;
         float *ph = p + h * s->max_len, *o = out + h * s->hd, top = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < len; j++) {
-            ph[j] = dot(qh, k + j * s->hd, s->hd) * s->scale;
+            ph[j] = qk_dot(qh, k + j * s->hd, s->hd) * s->scale;
             top = fmaxf(top, ph[j]);
         }
         for (int64_t j = 0; j < len; j++) sum += (ph[j] = expf(ph[j] - top));
@@ -109,11 +107,11 @@ static void layer(float *x, const int64_t *t, const shape_t *s, const float *cos
     const int64_t d = s->d, nq = s->heads * s->hd, nk = s->kv * s->hd;
     float *kc = (float *)(intptr_t)t[KCACHE], *vc = (float *)(intptr_t)t[VCACHE], *ff = w->ff;
 #pragma omp single
-    rmsnorm(x, f32(t[ATTN_NORM]), d, s->eps, w->h);
+    qk_rmsnorm(x, f32(t[ATTN_NORM]), d, s->eps, w->h);
     product(w->qkv, w->h, d, s, w, u8(t[WQ]), nq, u8(t[WK]), nk, u8(t[WV]), nk);
 #pragma omp single
     {
-        rope(w->qkv, s->heads + s->kv, s->hd, cos, sin); /* the q heads, then the k heads */
+        qk_rope(w->qkv, s->heads + s->kv, s->hd, cos, sin); /* the q heads, then the k heads */
         for (int64_t g = 0; g < s->kv; g++) {
             memcpy(kc + (g * s->max_len + s->pos) * s->hd, w->qkv + nq + g * s->hd, sizeof(float) * (size_t)s->hd);
             memcpy(vc + (g * s->max_len + s->pos) * s->hd, w->qkv + nq + nk + g * s->hd, sizeof(float) * (size_t)s->hd);
@@ -124,7 +122,7 @@ static void layer(float *x, const int64_t *t, const shape_t *s, const float *cos
 #pragma omp single
     {
         for (int64_t i = 0; i < d; i++) x[i] += w->y[i];
-        rmsnorm(x, f32(t[FF_NORM]), d, s->eps, w->h);
+        qk_rmsnorm(x, f32(t[FF_NORM]), d, s->eps, w->h);
     }
     product(ff, w->h, d, s, w, u8(t[WGATE]), s->ff, u8(t[WUP]), s->ff, NULL, 0);
 #pragma omp single
@@ -180,7 +178,7 @@ PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     {
         for (int64_t l = 0; l < v[0]; l++) layer(x, table + l * PER_LAYER, &s, p[3], p[4], &w);
 #pragma omp single
-        rmsnorm(x, p[5], s.d, s.eps, p[0]);
+        qk_rmsnorm(x, p[5], s.d, s.eps, p[0]);
     }
     Py_END_ALLOW_THREADS
     free(buf);

@@ -3,6 +3,9 @@ the same greedy tokens and beam hypotheses on tiny models of each family (padded
 rotary and learned positions, relative bias, cross-attention), the same logits within
 rounding, graphs made anew when a weight changes, and the option's errors.
 
+The native steps (lmforge.generate.native), which take the place of both where they apply, are
+off here (tests/generate/test_float_step.py checks them against the eager step).
+
 Each compile takes seconds on two cores: one family (GPT-2) and T5's relative bias and
 cross-attention run in the default suite, the other families with -m slow.
 """
@@ -18,6 +21,11 @@ from lmforge.generate.state import DecoderState
 from tests.generate.test_generate import pairs, prompts  # noqa: F401  (pairs: a fixture)
 
 NEW = 10
+
+
+@pytest.fixture(autouse=True)
+def no_native_step(monkeypatch):
+    monkeypatch.setenv("LMFORGE_NATIVE_STEP", "0")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,308 @@
+/* One decoding step in float32 of B rows through a pre-norm decoder stack, in one call:
+ * lmforge.generate.native's float path (GPT-2-, Llama- and T5-like decoders, and the decoder of
+ * an encoder-decoder). At a few rows a step of a small model is mostly the cost of calling its
+ * ~100 kernels one by one; the products of few rows are also where the BLAS libraries are at
+ * their weakest (MKL's 8 x 256 x 8192 ran at 18 GFLOP/s on an AVX2 EPYC). Here the step is its
+ * products, tiled for few rows, and little else.
+ *
+ * For each layer, with x (B, d) the rows' hidden states:
+ *   h = norm(x);  q, k, v = h W_q^T + b_q, ...;  rope(q, k) at each row's position (if given)
+ *   the cache's keys and values at column pos = k, v
+ *   a_h = softmax(scale q_h K_g^T + bias_h) V_g  over the columns 0..pos a row's mask keeps
+ *     (bias: T5's relative position bias, column n-1 + j - pos of its (H, 2n-1) table)
+ *   x = x + a W_o^T + b_o
+ *   cross-attention (encoder-decoder): h = norm(x); q = h W^T + b; attention over the encoder
+ *     memory's keys and values (B, KV, S, hd), projected once by the caller; x = x + a W_o^T + b_o
+ *   h = norm(x);  x = x + act(h W_up^T + b) W_down^T + b   (gated: act(h W_gate^T + b) * (h W_up^T + b))
+ * and last out = norm(x) (hidden states), or with an LM head W (V, d): out = (s norm(x)) W^T + b.
+ * norm: LayerNorm (weight, bias) or RMSNorm (weight). The same arithmetic as the eager step, in
+ * other summation orders.
+ *
+ * One OpenMP parallel region runs the step: output columns of the products, and (row, head)
+ * pairs of attention, are shared among its threads; the per-row pieces are shared by rows.
+ */
+#include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FS_X86 1
+#endif
+
+/* Each layer's row of the table: data pointers, 0 where absent (biases, LayerNorm's bias, the
+ * gate of an ungated feed-forward, the cross-attention of a decoder-only model). */
+enum { N1_W, N1_B, WQ, BQ, WK, BK, WV, BV, WO, BO, N2_W, N2_B, CQ, CBQ, CO, CBO,
+       N3_W, N3_B, WUP, BUP, WGATE, BGATE, WDOWN, BDOWN, FIELDS };
+enum { ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU };
+
+typedef struct {
+    int64_t B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n;
+    int rms, act, simd;
+    float eps, scale, logit_scale;
+} fshape;
+
+typedef struct {
+    const int64_t *cross;       /* (layers, 2): each layer's memory keys, values (B, KV, S, hd), or NULL */
+    float *cache;               /* (layers, 2, rows, KV, len, hd) */
+    const int64_t *mask;        /* (B, len) 1 for a real token, or NULL: every column */
+    const int64_t *positions;   /* (B) each row's position for rotary, or NULL: pos */
+    const float *cos, *sin;     /* (positions, hd) rotary tables, or NULL */
+    const float *rel;           /* (heads, 2 rel_n - 1) relative bias of every distance, or NULL */
+    const int64_t *mem_mask;    /* (B, S) 1 for a real source token, or NULL */
+} finputs;
+
+static const float *fp(int64_t p) { return (const float *)(intptr_t)p; }
+
+/* ---- products of few rows: y (rows, n) (+)= x (rows, k) W^T (+ b), W (n, k) as nn.Linear holds it ---- */
+
+/* s[r][c] = x_r . W_c for r < nr (1 or 2; x's rows ldx apart) and nc (up to 4) consecutive rows c of W */
+static void tile_plain(const float *x, int64_t ldx, int64_t k, int nr, const float *w, int nc, float s[2][4]) {
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) s[r][c] = qk_dot(x + r * ldx, w + c * k, k);
+}
+
+#ifdef FS_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* tile_plain for four rows of W, eight running sums (two x rows; one row is computed twice) */
+AVX2 static void tile_avx2(const float *x, int64_t ldx, int64_t k, int nr, const float *w, float s[2][4]) {
+    const float *x0 = x, *x1 = nr > 1 ? x + ldx : x;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
+        __m256 c = _mm256_loadu_ps(w + i);
+        a0 = _mm256_fmadd_ps(u, c, a0), b0 = _mm256_fmadd_ps(v, c, b0);
+        c = _mm256_loadu_ps(w + k + i);
+        a1 = _mm256_fmadd_ps(u, c, a1), b1 = _mm256_fmadd_ps(v, c, b1);
+        c = _mm256_loadu_ps(w + 2 * k + i);
+        a2 = _mm256_fmadd_ps(u, c, a2), b2 = _mm256_fmadd_ps(v, c, b2);
+        c = _mm256_loadu_ps(w + 3 * k + i);
+        a3 = _mm256_fmadd_ps(u, c, a3), b3 = _mm256_fmadd_ps(v, c, b3);
+    }
+    float t[2][4] = {{hsum(a0), hsum(a1), hsum(a2), hsum(a3)}, {hsum(b0), hsum(b1), hsum(b2), hsum(b3)}};
+    for (; i < k; i++)
+        for (int c = 0; c < 4; c++) t[0][c] += x0[i] * w[c * k + i], t[1][c] += x1[i] * w[c * k + i];
+    memcpy(s, t, sizeof t);
+}
+#endif
+
+/* y[r, j] (rows ldy apart) = (acc ? y[r, j] : 0) + b[j] + x[r] . W[j] (x's rows ldx apart); the
+ * output columns shared by the enclosing region's threads in blocks of 4 (a block's W rows stay
+ * in L1 across x's rows). */
+static void product(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t k, const float *w,
+                    const float *b, int64_t n, int acc, int simd) {
+    (void)simd;
+#pragma omp for schedule(static)
+    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        const int nc = n - j0 < 4 ? (int)(n - j0) : 4;
+        for (int64_t r = 0; r < rows; r += 2) {
+            const int nr = rows - r < 2 ? (int)(rows - r) : 2;
+            float s[2][4];
+#ifdef FS_X86
+            if (simd && nc == 4) tile_avx2(x + r * ldx, ldx, k, nr, w + j0 * k, s);
+            else
+#endif
+                tile_plain(x + r * ldx, ldx, k, nr, w + j0 * k, nc, s);
+            for (int i = 0; i < nr; i++)
+                for (int c = 0; c < nc; c++) {
+                    float *out = y + (r + i) * ldy + j0 + c;
+                    *out = (acc ? *out : 0.f) + s[i][c] + (b ? b[j0 + c] : 0.f);
+                }
+        }
+    }
+}
+
+/* ---- the per-row pieces ---- */
+
+static void norm_rows(const float *x, int64_t rows, const fshape *s, const float *g, const float *b, float *out) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * s->d;
+        float *o = out + r * s->d;
+        if (s->rms) {
+            qk_rmsnorm(xr, g, s->d, s->eps, o);
+            continue;
+        }
+        double mean = 0.0, var = 0.0;  /* LayerNorm */
+        for (int64_t i = 0; i < s->d; i++) mean += xr[i];
+        mean /= (double)s->d;
+        for (int64_t i = 0; i < s->d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        const float m = (float)mean, inv = 1.f / sqrtf((float)(var / (double)s->d) + s->eps);
+        for (int64_t i = 0; i < s->d; i++) o[i] = (xr[i] - m) * inv * g[i] + (b ? b[i] : 0.f);
+    }
+}
+
+static float act(float v, int kind) {
+    switch (kind) {
+    case ACT_RELU: return v > 0.f ? v : 0.f;
+    case ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v / (1.f + expf(-v));
+    }
+}
+
+/* ---- attention ---- */
+
+/* out (B, heads*hd) = softmax(scale q K^T + bias) V for every (row, head), shared by the
+ * region's threads. q: row r's heads at q + r*ldq. Keys of row r, kv head g at keys(r, g),
+ * n of them (j < n), the row's mask (NULL: all) skipping columns; bias(h, j) added if rel. */
+typedef struct {
+    const float *base_k, *base_v;
+    int64_t row_stride, head_stride, n;  /* floats between rows and between kv heads; keys per head */
+    const int64_t *mask;                 /* (B, mask_ld) or NULL */
+    int64_t mask_ld;
+} keys_t;
+
+static void attend(const float *q, int64_t ldq, const keys_t *kt, const fshape *s, const float *rel, float *p,
+                   float *out) {
+    const int64_t group = s->heads / s->kv, hd = s->hd, width = 2 * s->rel_n - 1;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < s->B * s->heads; t++) {
+        const int64_t r = t / s->heads, h = t % s->heads, g = h / group;
+        const float *qh = q + r * ldq + h * hd;
+        const float *k = kt->base_k + r * kt->row_stride + g * kt->head_stride;
+        const float *v = kt->base_v + r * kt->row_stride + g * kt->head_stride;
+        const int64_t *m = kt->mask ? kt->mask + r * kt->mask_ld : NULL;
+        const float *bias = rel ? rel + h * width + (s->rel_n - 1 - s->pos) : NULL;
+        float *ph = p + t * kt->n, *o = out + r * s->heads * hd + h * hd, top = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < kt->n; j++) {
+            if (m && !m[j]) {
+                ph[j] = -INFINITY;
+                continue;
+            }
+            ph[j] = qk_dot(qh, k + j * hd, hd) * s->scale + (bias ? bias[j] : 0.f);
+            top = fmaxf(top, ph[j]);
+        }
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
+        if (top == -INFINITY) continue;  /* no key to see (cannot happen for a real token) */
+        for (int64_t j = 0; j < kt->n; j++) sum += (ph[j] = ph[j] == -INFINITY ? 0.f : expf(ph[j] - top));
+        for (int64_t j = 0; j < kt->n; j++) {
+            const float w = ph[j] / sum;
+            if (w == 0.f) continue;
+            for (int64_t i = 0; i < hd; i++) o[i] += w * v[j * hd + i];
+        }
+    }
+}
+
+/* ---- the step ---- */
+
+typedef struct {
+    float *h, *qkv, *att, *ff, *p;
+} fwork;
+
+static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const finputs *in, const fwork *w) {
+    const int64_t B = s->B, d = s->d, hd = s->hd, nq = s->heads * hd, nk = s->kv * hd, ld = nq + 2 * nk;
+    float *keys = in->cache + (l * 2 + 0) * s->rows * s->kv * s->len * hd;
+    float *values = in->cache + (l * 2 + 1) * s->rows * s->kv * s->len * hd;
+    norm_rows(x, B, s, fp(t[N1_W]), fp(t[N1_B]), w->h);
+    product(w->qkv, ld, w->h, d, B, d, fp(t[WQ]), fp(t[BQ]), nq, 0, s->simd);
+    product(w->qkv + nq, ld, w->h, d, B, d, fp(t[WK]), fp(t[BK]), nk, 0, s->simd);
+    product(w->qkv + nq + nk, ld, w->h, d, B, d, fp(t[WV]), fp(t[BV]), nk, 0, s->simd);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B; r++) {
+        float *row = w->qkv + r * ld;
+        if (in->cos) {
+            const int64_t at = in->positions ? in->positions[r] : s->pos;
+            qk_rope(row, s->heads + s->kv, hd, in->cos + at * hd, in->sin + at * hd); /* q heads, then k heads */
+        }
+        for (int64_t g = 0; g < s->kv; g++) {
+            const int64_t off = ((r * s->kv + g) * s->len + s->pos) * hd;
+            memcpy(keys + off, row + nq + g * hd, sizeof(float) * (size_t)hd);
+            memcpy(values + off, row + nq + nk + g * hd, sizeof(float) * (size_t)hd);
+        }
+    }
+    const keys_t self = {keys, values, s->kv * s->len * hd, s->len * hd, s->pos + 1, in->mask, s->len};
+    attend(w->qkv, ld, &self, s, in->rel, w->p, w->att);
+    product(x, d, w->att, nq, B, nq, fp(t[WO]), fp(t[BO]), d, 1, s->simd);
+    if (t[CQ]) {
+        norm_rows(x, B, s, fp(t[N2_W]), fp(t[N2_B]), w->h);
+        product(w->qkv, nq, w->h, d, B, d, fp(t[CQ]), fp(t[CBQ]), nq, 0, s->simd);
+        const keys_t mem = {fp(in->cross[2 * l]), fp(in->cross[2 * l + 1]), s->kv * s->S * hd, s->S * hd, s->S,
+                            in->mem_mask, s->S};
+        attend(w->qkv, nq, &mem, s, NULL, w->p, w->att);
+        product(x, d, w->att, nq, B, nq, fp(t[CO]), fp(t[CBO]), d, 1, s->simd);
+    }
+    norm_rows(x, B, s, fp(t[N3_W]), fp(t[N3_B]), w->h);
+    const int gated = t[WGATE] != 0;
+    product(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
+    if (gated) product(w->ff + s->ff, 2 * s->ff, w->h, d, B, d, fp(t[WGATE]), fp(t[BGATE]), s->ff, 0, s->simd);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B; r++) {
+        float *u = w->ff + r * 2 * s->ff;
+        for (int64_t i = 0; i < s->ff; i++) u[i] = gated ? act(u[s->ff + i], s->act) * u[i] : act(u[i], s->act);
+    }
+    product(x, d, w->ff, 2 * s->ff, B, s->ff, fp(t[WDOWN]), fp(t[BDOWN]), d, 1, s->simd);
+}
+
+/* float_step(out, x, table, cross, cache, mask, positions, cos, sin, rel, mem_mask, final_w, final_b,
+ *            head_w, head_b,
+ *            n_layers, B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n, rms, act, simd,
+ *            eps, scale, logit_scale)
+ * x (B, d) the rows' input embeddings (positions added), updated in place. out: (B, vocab)
+ * logits with head_w, else (B, d) final hidden states. Every pointer but x, table, cache,
+ * final_w and out may be 0 (see finputs). */
+PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    enum { NP = 15, NV = 16 };
+    void *p[NP];
+    int64_t v[NV];
+    const char *usage = "float_step(out, x, table, cross, cache, mask, positions, cos, sin, rel, mem_mask, final_w, "
+                        "final_b, head_w, head_b, n_layers, B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n, "
+                        "rms, act, simd, eps, scale, logit_scale)";
+    if (nargs != NP + NV + 3) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, NP + NV + 3);
+        return NULL;
+    }
+    if (qk_read_args(args, NP + NV, NP + NV, usage, p, NP, v)) return NULL;
+    const double eps = PyFloat_AsDouble(args[NP + NV]), scale = PyFloat_AsDouble(args[NP + NV + 1]),
+                 logit_scale = PyFloat_AsDouble(args[NP + NV + 2]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t n_layers = v[0];
+    const fshape s = {v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
+                      (int)v[13], (int)v[14], (int)v[15], (float)eps, (float)scale, (float)logit_scale};
+    if (n_layers < 1 || s.B < 1 || s.B > s.rows || s.d < 1 || s.kv < 1 || s.heads % s.kv || s.hd < 1 || s.ff < 1
+        || s.pos < 0 || s.pos >= s.len || (p[3] && s.S < 1) || (p[9] && s.pos >= s.rel_n) || (p[7] && s.hd % 2)
+        || !p[0] || !p[1] || !p[2] || !p[4] || !p[11] || (p[13] && s.vocab < 1)) {
+        PyErr_Format(PyExc_ValueError, "float_step: n_layers=%lld B=%lld rows=%lld heads=%lld kv=%lld hd=%lld pos=%lld "
+                     "len=%lld S=%lld rel_n=%lld do not fit", (long long)n_layers, (long long)s.B, (long long)s.rows,
+                     (long long)s.heads, (long long)s.kv, (long long)s.hd, (long long)s.pos, (long long)s.len,
+                     (long long)s.S, (long long)s.rel_n);
+        return NULL;
+    }
+    const finputs in = {p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]};
+    const int64_t nq = s.heads * s.hd, nk = s.kv * s.hd, keys = s.len > s.S ? s.len : s.S;
+    float *buf = malloc(sizeof(float) * (size_t)(s.B * (s.d + nq + 2 * nk + nq + 2 * s.ff + s.heads * keys)));
+    if (!buf) return PyErr_NoMemory();
+    fwork w = {.h = buf};
+    w.qkv = w.h + s.B * s.d;
+    w.att = w.qkv + s.B * (nq + 2 * nk);
+    w.ff = w.att + s.B * nq;
+    w.p = w.ff + s.B * 2 * s.ff;
+    float *x = p[1], *out = p[0];
+    const int64_t *table = p[2];
+    const float *head = p[13], *head_b = p[14];
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+        for (int64_t l = 0; l < n_layers; l++) layer(x, l, table + l * FIELDS, &s, &in, &w);
+        norm_rows(x, s.B, &s, p[11], p[12], head ? w.h : out);
+        if (head) {
+            if (s.logit_scale != 1.f) {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < s.B * s.d; i++) w.h[i] *= s.logit_scale;
+            }
+            product(out, s.vocab, w.h, s.d, s.B, s.d, head, head_b, s.vocab, 0, s.simd);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(buf);
+    Py_RETURN_NONE;
+}
