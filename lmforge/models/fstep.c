@@ -65,32 +65,122 @@ static void tile_plain(const float *x, int64_t ldx, int64_t k, int nr, const flo
 
 #ifdef FS_X86
 #define AVX2 __attribute__((target("avx2,fma")))
-AVX2 static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+/* v loaded into a register: with it the compiler loads each weight once, not once for each FMA
+ * that reads it (as a memory operand), which made the two-row tile load-bound */
+#define IN_REG(v) __asm__("" : "+x"(v))
+
+/* the four sums of a0..a3, in one vector (three hadds instead of four reductions) */
+AVX2 static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* tile_plain for four rows of W, eight running sums (two x rows; one row is computed twice) */
-AVX2 static void tile_avx2(const float *x, int64_t ldx, int64_t k, int nr, const float *w, float s[2][4]) {
-    const float *x0 = x, *x1 = nr > 1 ? x + ldx : x;
+/* e^x in eight lanes, within 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
+ * polynomial, times 2^n made in the exponent bits) */
+AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* u[i] = act(u[i]) (gate: act(gate[i]) u[i]) for i < n, SiLU and tanh-GELU as x / (1 + e^-z)
+ * (z = x; z = 2 sqrt(2/pi) (x + 0.044715 x^3): 0.5 x (1 + tanh(z / 2)) is that); the tail, and
+ * the other activations, by act_row */
+AVX2 static int64_t act8(float *u, const float *gate, int64_t n, int kind) {
+    if (kind != ACT_SILU && kind != ACT_GELU_TANH) return 0;
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.f), c = _mm256_set1_ps(-1.59576912160573072f), c3 = _mm256_set1_ps(0.044715f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(gate ? gate + i : u + i);
+        __m256 z = kind == ACT_SILU ? _mm256_sub_ps(_mm256_setzero_ps(), v)
+                                    : _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, v), _mm256_mul_ps(v, v), v));
+        __m256 a = _mm256_div_ps(v, _mm256_add_ps(one, exp8(z)));
+        _mm256_storeu_ps(u + i, gate ? _mm256_mul_ps(a, _mm256_loadu_ps(u + i)) : a);
+    }
+    return i;
+}
+
+/* a . b, and o += w b, for attention's head vectors */
+AVX2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float t = _mm_cvtss_f32(hsum4(_mm256_add_ps(s0, s1), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                                  _mm256_setzero_ps()));
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+AVX2 static void axpy_avx2(float *o, float w, const float *b, int64_t n) {
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(b + i), _mm256_loadu_ps(o + i)));
+    for (; i < n; i++) o[i] += w * b[i];
+}
+
+/* tile_plain for four rows of W and one x row: two running sums a row of W (eight chains) */
+AVX2 static void tile1_avx2(const float *x, int64_t k, const float *w, float s[2][4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + i), a0), b0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + i + 8), b0);
+        a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + k + i), a1);
+        b1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k + i + 8), b1);
+        a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + 2 * k + i), a2);
+        b2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 2 * k + i + 8), b2);
+        a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + 3 * k + i), a3);
+        b3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 3 * k + i + 8), b3);
+    }
+    for (; i + 8 <= k; i += 8) {
+        const __m256 u = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + i), a0), a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + k + i), a1);
+        a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + 2 * k + i), a2);
+        a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w + 3 * k + i), a3);
+    }
+    _mm_storeu_ps(s[0], hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                              _mm256_add_ps(a3, b3)));
+    for (; i < k; i++)
+        for (int c = 0; c < 4; c++) s[0][c] += x[i] * w[c * k + i];
+}
+
+/* tile_plain for four rows of W and two x rows: eight running sums */
+AVX2 static void tile2_avx2(const float *x, int64_t ldx, int64_t k, const float *w, float s[2][4]) {
+    const float *x0 = x, *x1 = x + ldx;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t i = 0;
     for (; i + 8 <= k; i += 8) {
         const __m256 u = _mm256_loadu_ps(x0 + i), v = _mm256_loadu_ps(x1 + i);
-        __m256 c = _mm256_loadu_ps(w + i);
-        a0 = _mm256_fmadd_ps(u, c, a0), b0 = _mm256_fmadd_ps(v, c, b0);
-        c = _mm256_loadu_ps(w + k + i);
-        a1 = _mm256_fmadd_ps(u, c, a1), b1 = _mm256_fmadd_ps(v, c, b1);
-        c = _mm256_loadu_ps(w + 2 * k + i);
-        a2 = _mm256_fmadd_ps(u, c, a2), b2 = _mm256_fmadd_ps(v, c, b2);
-        c = _mm256_loadu_ps(w + 3 * k + i);
-        a3 = _mm256_fmadd_ps(u, c, a3), b3 = _mm256_fmadd_ps(v, c, b3);
+        __m256 c0 = _mm256_loadu_ps(w + i), c1 = _mm256_loadu_ps(w + k + i), c2 = _mm256_loadu_ps(w + 2 * k + i),
+               c3 = _mm256_loadu_ps(w + 3 * k + i);
+        IN_REG(c0);
+        IN_REG(c1);
+        IN_REG(c2);
+        IN_REG(c3);
+        a0 = _mm256_fmadd_ps(u, c0, a0), b0 = _mm256_fmadd_ps(v, c0, b0);
+        a1 = _mm256_fmadd_ps(u, c1, a1), b1 = _mm256_fmadd_ps(v, c1, b1);
+        a2 = _mm256_fmadd_ps(u, c2, a2), b2 = _mm256_fmadd_ps(v, c2, b2);
+        a3 = _mm256_fmadd_ps(u, c3, a3), b3 = _mm256_fmadd_ps(v, c3, b3);
     }
-    float t[2][4] = {{hsum(a0), hsum(a1), hsum(a2), hsum(a3)}, {hsum(b0), hsum(b1), hsum(b2), hsum(b3)}};
+    _mm_storeu_ps(s[0], hsum4(a0, a1, a2, a3));
+    _mm_storeu_ps(s[1], hsum4(b0, b1, b2, b3));
     for (; i < k; i++)
-        for (int c = 0; c < 4; c++) t[0][c] += x0[i] * w[c * k + i], t[1][c] += x1[i] * w[c * k + i];
-    memcpy(s, t, sizeof t);
+        for (int c = 0; c < 4; c++) s[0][c] += x0[i] * w[c * k + i], s[1][c] += x1[i] * w[c * k + i];
 }
 #endif
 
@@ -103,11 +193,14 @@ static void product(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
 #pragma omp for schedule(static)
     for (int64_t j0 = 0; j0 < n; j0 += 4) {
         const int nc = n - j0 < 4 ? (int)(n - j0) : 4;
+        if (j0 + 8 <= n) /* the next block of W, a cache line at a time, while this one is multiplied */
+            for (int64_t q = 0; q < 4 * k; q += 16) __builtin_prefetch(w + (j0 + 4) * k + q);
         for (int64_t r = 0; r < rows; r += 2) {
             const int nr = rows - r < 2 ? (int)(rows - r) : 2;
             float s[2][4];
 #ifdef FS_X86
-            if (simd && nc == 4) tile_avx2(x + r * ldx, ldx, k, nr, w + j0 * k, s);
+            if (simd && nc == 4 && nr == 2) tile2_avx2(x + r * ldx, ldx, k, w + j0 * k, s);
+            else if (simd && nc == 4) tile1_avx2(x + r * ldx, k, w + j0 * k, s);
             else
 #endif
                 tile_plain(x + r * ldx, ldx, k, nr, w + j0 * k, nc, s);
@@ -151,6 +244,25 @@ static float act(float v, int kind) {
 
 /* ---- attention ---- */
 
+static float dot(const float *a, const float *b, int64_t n, int simd) {
+#ifdef FS_X86
+    if (simd) return dot_avx2(a, b, n);
+#endif
+    (void)simd;
+    return qk_dot(a, b, n);
+}
+
+static void axpy(float *o, float w, const float *b, int64_t n, int simd) {
+#ifdef FS_X86
+    if (simd) {
+        axpy_avx2(o, w, b, n);
+        return;
+    }
+#endif
+    (void)simd;
+    for (int64_t i = 0; i < n; i++) o[i] += w * b[i];
+}
+
 /* out (B, heads*hd) = softmax(scale q K^T + bias) V for every (row, head), shared by the
  * region's threads. q: row r's heads at q + r*ldq. Keys of row r, kv head g at keys(r, g),
  * n of them (j < n), the row's mask (NULL: all) skipping columns; bias(h, j) added if rel. */
@@ -178,7 +290,7 @@ static void attend(const float *q, int64_t ldq, const keys_t *kt, const fshape *
                 ph[j] = -INFINITY;
                 continue;
             }
-            ph[j] = qk_dot(qh, k + j * hd, hd) * s->scale + (bias ? bias[j] : 0.f);
+            ph[j] = dot(qh, k + j * hd, hd, s->simd) * s->scale + (bias ? bias[j] : 0.f);
             top = fmaxf(top, ph[j]);
         }
         for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
@@ -187,7 +299,7 @@ static void attend(const float *q, int64_t ldq, const keys_t *kt, const fshape *
         for (int64_t j = 0; j < kt->n; j++) {
             const float w = ph[j] / sum;
             if (w == 0.f) continue;
-            for (int64_t i = 0; i < hd; i++) o[i] += w * v[j * hd + i];
+            axpy(o, w, v + j * hd, hd, s->simd);
         }
     }
 }
@@ -237,7 +349,11 @@ static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const 
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B; r++) {
         float *u = w->ff + r * 2 * s->ff;
-        for (int64_t i = 0; i < s->ff; i++) u[i] = gated ? act(u[s->ff + i], s->act) * u[i] : act(u[i], s->act);
+        int64_t i = 0;
+#ifdef FS_X86
+        if (s->simd) i = act8(u, gated ? u + s->ff : NULL, s->ff, s->act);
+#endif
+        for (; i < s->ff; i++) u[i] = gated ? act(u[s->ff + i], s->act) * u[i] : act(u[i], s->act);
     }
     product(x, d, w->ff, 2 * s->ff, B, s->ff, fp(t[WDOWN]), fp(t[BDOWN]), d, 1, s->simd);
 }
@@ -266,8 +382,14 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                  logit_scale = PyFloat_AsDouble(args[NP + NV + 2]);
     if (PyErr_Occurred()) return NULL;
     const int64_t n_layers = v[0];
+    int simd = (int)v[15];
+#ifdef FS_X86
+    simd = simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    simd = 0;
+#endif
     const fshape s = {v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12],
-                      (int)v[13], (int)v[14], (int)v[15], (float)eps, (float)scale, (float)logit_scale};
+                      (int)v[13], (int)v[14], simd, (float)eps, (float)scale, (float)logit_scale};
     if (n_layers < 1 || s.B < 1 || s.B > s.rows || s.d < 1 || s.kv < 1 || s.heads % s.kv || s.hd < 1 || s.ff < 1
         || s.pos < 0 || s.pos >= s.len || (p[3] && s.S < 1) || (p[9] && s.pos >= s.rel_n) || (p[7] && s.hd % 2)
         || !p[0] || !p[1] || !p[2] || !p[4] || !p[11] || (p[13] && s.vocab < 1)) {
