@@ -65,6 +65,9 @@ def test_table_and_readme_block_come_from_the_json():
     block = report.readme_block(RESULTS)
     assert block.startswith(report.BEGIN) and block.endswith(report.END)
     assert "| decode | GPT-2-like 6x384 | greedy b1 fp32 | lmforge | 450.0 tok/s | 1.50x HF | 61.2 | 300 |" in block
+    other = {**RESULTS, "date": "2026-01-02 03:04 UTC", "command": "python -m bench chat"}
+    two = report.readme_block(RESULTS, other)  # runs of single groups: one table each, with its header
+    assert two.count("| group | model |") == 2 and "2026-01-02 03:04 UTC" in two and "`python -m bench chat`" in two
 
 
 def test_readme_rewrite_touches_only_the_block(tmp_path):

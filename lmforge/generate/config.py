@@ -61,7 +61,8 @@ class GenerationConfig:
                                                          "model's context instead of failing"))
     compile: bool = field(default=False, metadata=_help("decode with a compiled step (torch.compile): the first "
                                                         "generation of each batch size and length compiles it "
-                                                        "(seconds to minutes), later ones run faster"))
+                                                        "(seconds to minutes), later ones run faster; where lmforge's native "
+                                                        "step applies (float32 or int4 on CPU) it runs instead"))
     # off by default: chunks agree with one pass within float rounding, not bit for bit (DecoderState.prefill)
     prefill_chunk: int = field(
         default=0, metadata=_help("run a decoder-only prompt through the model this many tokens at a time (0: all "

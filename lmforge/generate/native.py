@@ -223,7 +223,7 @@ class FloatStep:
             _, copies, table = self._cross(cache)
             cross, S = table.data_ptr(), copies[0][0].shape[2]
         if mask is not None:
-            mask = mask.contiguous()
+            mask = mask.to(torch.int64).contiguous()
         if memory_mask is not None:
             memory_mask = memory_mask.to(torch.int64).contiguous()
         out = torch.empty(B, cfg.vocab_size if self.head else cfg.d_model)

@@ -1,5 +1,6 @@
 """lmforge's own CPU kernels for 4- and 8-bit weights (`qkernel.c`, built by pip as
-`lmforge.models._qkernel`).
+`lmforge.models._qkernel`), and the wrappers of its two whole decoding steps (`decode_step`:
+`qstep.c`, int4; `float_step`: `fstep.c`, float32; see lmforge.generate.native).
 
 torch's int4 and int8 CPU kernels take bfloat16 activations, which a CPU without bfloat16
 instructions (most AVX2 machines) converts in software: there they read weights at a fifth
