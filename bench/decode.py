@@ -64,7 +64,7 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
         ckpt = ckpts[name]
         workers = {"lmforge": ("lmforge_worker", "torch"), "HF": ("hf", "transformers"), "CT2": ("ct2", "ctranslate2"),
                    "lmforge int8": ("lmforge_worker", "torch"), "CT2 int8": ("ct2", "ctranslate2"),
-                   "lmforge compiled": ("lmforge_worker", "torch")}
+                   "lmforge compiled": ("lmforge_worker", "torch"), "lmforge int8 compiled": ("lmforge_worker", "torch")}
         ct2_dir = None
         if installed("ctranslate2"):
             ct2_dir = convert_ct2(ckpt, os.path.join(settings.tmp, f"decode-{name}-ct2"), settings)
@@ -86,7 +86,7 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
                         lineup.prepare("HF", "HF", case, "decode", dir=ckpt, family=family, **common),
                         lineup.prepare("CT2", "CT2", case, "decode", path=ct2_dir, seq2seq=t5, **common)]
                 int8 = [lineup.prepare("lmforge int8", "lmforge int8", case, "decode", dir=ckpt, int8=True, **common),
-                        comp and lineup.prepare("lmforge compiled", "lmforge int8 compiled", case, "decode",
+                        comp and lineup.prepare("lmforge int8 compiled", "lmforge int8 compiled", case, "decode",
                                                 dir=ckpt, int8=True, compile=True, **common),
                         lineup.prepare("CT2 int8", "CT2 int8", case, "decode", path=ct2_dir, seq2seq=t5,
                                        compute_type="int8_float32", **common)]

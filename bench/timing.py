@@ -170,7 +170,8 @@ def compare(settings: Settings, group: str, model: str, case: str, unit: str, su
         out["contenders"][c.label] = {
             "rate": rate, "rates": rates[c.label], "worker": c.worker.label,
             "limit_pct": c.limit_pct(rate) if callable(c.limit_pct) else None, "peak_rss_mb": None,
-            **{k: c.info[k] for k in ("first_call_s",) if k in c.info}}  # a compiled contender's compile run
+            # a compiled contender's compile run; which decoding step lmforge ran
+            **{k: c.info[k] for k in ("first_call_s", "step") if k in c.info}}
     for s in subjects:
         for ref in rates:
             if s in rates and ref not in subjects:

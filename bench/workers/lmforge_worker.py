@@ -10,7 +10,7 @@ import lmforge
 from bench.workers.serve import serve, threads
 from lmforge.embed import embed as lmforge_embed
 from lmforge.generate import GenerationConfig, generate
-from lmforge.generate.native import native_fits
+from lmforge.generate.native import float_fits, native_fits
 from lmforge.interop.hf import load_hf
 from lmforge.models.heads import LMHead
 from lmforge.objectives import causal_lm, masked_lm, seq2seq
@@ -99,7 +99,19 @@ def decode(dir: str, prompts: list[list[int]], new_tokens: int, num_beams: int =
     def run():
         with torch.inference_mode():
             return lmforge_generate(model, ids, new_tokens, num_beams, top_k, compile)
-    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), **_compiled_first(run, compile)}
+    step = step_taken(model, len(prompts) * max(1, num_beams), compile)
+    return run, {"weight_bytes_per_step": weight_bytes_per_step(model), "step": step,
+                 **_compiled_first(run, step == "compiled")}
+
+
+def step_taken(model, rows: int, compile: bool) -> str:
+    """Which decoding step lmforge runs for `rows` unpadded rows: a native one where it applies,
+    whatever `compile` says (lmforge.generate.native), else the compiled or the eager one."""
+    if rows == 1 and native_fits(model):
+        return "native int4"
+    if float_fits(model, rows):
+        return "native float"
+    return "compiled" if compile else "eager"
 
 
 def _compiled_first(run, compile: bool) -> dict:
@@ -133,10 +145,9 @@ def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quan
         with torch.inference_mode():
             n = lmforge_generate(model, ids, new_tokens, compile=compile)
         return n if new_tokens > 1 else float(len(prompt))
-    native = native_fits(model)  # one unpadded row: the native step where it runs, whatever `compile` says
-    step = "native" if native else "compiled" if compile else "eager"
+    step = step_taken(model, 1, compile)
     return run, {"weight_bytes_per_step": weight_bytes_per_step(model), "step": step,
-                 **_compiled_first(run, compile and not native)}
+                 **_compiled_first(run, step == "compiled")}
 
 
 def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):

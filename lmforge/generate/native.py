@@ -170,6 +170,7 @@ class FloatStep:
         self.rms = int(cfg.norm == "rmsnorm")
         self.rope = None  # (cos, sin) of every position of the cache, made at the first step
         self.cross = None  # (the cache's cross k/v it was made from, their contiguous copies, the pointer table)
+        self.checked = (None, 0)  # the cache buffer and batch size the kernel's argument checks passed for
 
     def _ptr(self, t) -> int:
         if t is None:
@@ -228,12 +229,14 @@ class FloatStep:
             memory_mask = memory_mask.to(torch.int64).contiguous()
         out = torch.empty(B, cfg.vocab_size if self.head else cfg.d_model)
         head_w, head_b, logit_scale = self.head or (0, 0, 1.0)
+        checked = self.checked[0] is buf and self.checked[1] == B  # checked once per buffer (beam search swaps two)
         qkernel.float_step(out, x, self.table, cross, buf, 0 if mask is None else mask.data_ptr(),
                            0 if rows is None else rows.data_ptr(), cos, sin, rel,
                            0 if memory_mask is None else memory_mask.data_ptr(), *self.final, head_w, head_b,
                            cfg.n_decoder_layers, B, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                            buf.shape[2], buf.shape[4], pos, S, cfg.vocab_size, rel_n, self.rms,
-                           _ACT[cfg.activation], cfg.norm_eps, self.scale, logit_scale)
+                           _ACT[cfg.activation], cfg.norm_eps, self.scale, logit_scale, checked=checked)
+        self.checked = (buf, B)
         if self.head is None:
             return self.model.logits(out[:, None])[:, 0].float()
         return out

@@ -176,13 +176,23 @@ def float_step(out: torch.Tensor, x: torch.Tensor, table: torch.Tensor, cross: i
                positions: int, cos: int, sin: int, rel: int, mem_mask: int, final_w: int, final_b: int, head_w: int,
                head_b: int, n_layers: int, B: int, d: int, heads: int, kv: int, head_dim: int, d_ff: int, rows: int,
                length: int, pos: int, S: int, vocab: int, rel_n: int, rms: int, act: int, eps: float, scale: float,
-               logit_scale: float, simd: bool = True) -> None:
+               logit_scale: float, simd: bool = True, checked: bool = False) -> None:
     """One float32 decoding step of B rows in `fstep.c` (lmforge.generate.native's `FloatStep`):
     x (B, d) the rows' embeddings in; out (B, vocab) logits (head_w given) or (B, d) hidden
     states. The tensors are checked here; the integers are data pointers (0: absent) the
-    caller keeps alive, as fstep.c describes."""
+    caller keeps alive, as fstep.c describes. checked=True: the caller made out and x itself
+    and already checked this cache and table (the per-step call of `FloatStep`)."""
     if _qkernel is None:
         raise RuntimeError("lmforge's native kernels were not built (no C compiler at install)")
+    if not checked:
+        _check_float_step(out, x, table, cache, n_layers, B, d, kv, head_dim, length)
+    _qkernel.float_step(out.data_ptr(), x.data_ptr(), table.data_ptr(), cross, cache.data_ptr(), mask, positions, cos,
+                        sin, rel, mem_mask, final_w, final_b, head_w, head_b, n_layers, B, d, heads, kv, head_dim,
+                        d_ff, rows, length, pos, S, vocab, rel_n, rms, act, simd, float(eps), float(scale),
+                        float(logit_scale))
+
+
+def _check_float_step(out, x, table, cache, n_layers, B, d, kv, head_dim, length) -> None:
     for name, t in (("out", out), ("x", x), ("cache", cache)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"float_step: {name} must be a contiguous float32 CPU tensor")
@@ -192,10 +202,6 @@ def float_step(out: torch.Tensor, x: torch.Tensor, table: torch.Tensor, cross: i
             or cache.shape[2] < B or tuple(cache.shape[3:]) != (kv, length, head_dim):
         raise ValueError(f"float_step: x {tuple(x.shape)}, out {tuple(out.shape)} or the cache {tuple(cache.shape)} "
                          f"do not fit B={B}, d={d}, {n_layers} layers, kv={kv}, length={length}, head_dim={head_dim}")
-    _qkernel.float_step(out.data_ptr(), x.data_ptr(), table.data_ptr(), cross, cache.data_ptr(), mask, positions, cos,
-                        sin, rel, mem_mask, final_w, final_b, head_w, head_b, n_layers, B, d, heads, kv, head_dim,
-                        d_ff, rows, length, pos, S, vocab, rel_n, rms, act, simd, float(eps), float(scale),
-                        float(logit_scale))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None,
