@@ -47,12 +47,22 @@ FLOAT_ROWS_MAX = int(os.environ.get("LMFORGE_FLOAT_STEP_ROWS", 32))  # rows beyo
 _WEIGHTS = ("attn.q", "attn.k", "attn.v", "attn.o", "ff.gate", "ff.up", "ff.down")
 
 
+def _enabled() -> bool:
+    """The kernels were built and LMFORGE_NATIVE_STEP does not turn the native steps off."""
+    return qkernel.available() and os.environ.get("LMFORGE_NATIVE_STEP", "1") != "0"
+
+
+def _rope_rows(stack, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary cos, sin rows (length, head_dim) of every position 0..length-1."""
+    cos, sin = stack.rope(torch.arange(length)[None])  # (1, 1, length, hd)
+    return cos.reshape(length, -1).contiguous(), sin.reshape(length, -1).contiguous()
+
+
 def native_fits(model) -> bool:
     """Whether `NativeStep` can run this model (for one unpadded row)."""
     cfg = model.cfg
     stack = model.backbone.decoder
-    return (qkernel.available() and os.environ.get("LMFORGE_NATIVE_STEP", "1") != "0"
-            and cfg.family == "decoder" and cfg.norm == "rmsnorm" and cfg.norm_placement == "pre"
+    return (_enabled() and cfg.family == "decoder" and cfg.norm == "rmsnorm" and cfg.norm_placement == "pre"
             and cfg.position == "rope" and cfg.activation in ("swiglu", "silu") and cfg.gated
             and not cfg.bias and not cfg.embed_scale and stack.embed_norm is None and stack.types is None
             and cfg.head_dim % 2 == 0 and not model.training
@@ -86,8 +96,7 @@ class NativeStep:
             rows.append([g_attn.data_ptr(), *(t.data_ptr() for t in w[:4]), g_ff.data_ptr(),
                          *(t.data_ptr() for t in w[4:]), keys.data_ptr(), values.data_ptr()])
         self.table = torch.tensor(rows, dtype=torch.int64)
-        cos, sin = stack.rope(torch.arange(self.length)[None])  # (1, 1, length, hd): every position's
-        self.cos, self.sin = cos.reshape(self.length, -1).contiguous(), sin.reshape(self.length, -1).contiguous()
+        self.cos, self.sin = _rope_rows(stack, self.length)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(cfg.head_dim)
         self.x, self.out = torch.empty(cfg.d_model), torch.empty(1, 1, cfg.d_model)
 
@@ -114,10 +123,6 @@ _FIELDS = ("attn_norm.weight", "attn_norm.bias", "attn.q.weight", "attn.q.bias",
            "attn.v.weight", "attn.v.bias", "attn.o.weight", "attn.o.bias", "cross_norm.weight", "cross_norm.bias",
            "cross.q.weight", "cross.q.bias", "cross.o.weight", "cross.o.bias", "ff_norm.weight", "ff_norm.bias",
            "ff.up.weight", "ff.up.bias", "ff.gate.weight", "ff.gate.bias", "ff.down.weight", "ff.down.bias")
-
-
-def _enabled() -> bool:
-    return qkernel.available() and os.environ.get("LMFORGE_NATIVE_STEP", "1") != "0"
 
 
 def float_fits(model, rows: int) -> bool:
@@ -211,8 +216,7 @@ class FloatStep:
         cos = sin = 0
         if stack.rope is not None:
             if self.rope is None or self.rope[0].shape[0] < cache.max_len:
-                c, s = stack.rope(torch.arange(cache.max_len)[None])
-                self.rope = c.reshape(cache.max_len, -1).contiguous(), s.reshape(cache.max_len, -1).contiguous()
+                self.rope = _rope_rows(stack, cache.max_len)
             cos, sin = self.rope[0].data_ptr(), self.rope[1].data_ptr()
         rel, rel_n = 0, 0
         if stack.rel_bias is not None:
