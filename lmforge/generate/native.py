@@ -169,13 +169,22 @@ class FloatStep:
         if type(head) is LMHead:  # a float head: its product in the same call
             w = model.backbone.tokens.weight if head.weight is None else head.weight
             self.head = (self._ptr(w), self._ptr(head.bias), float(head.scale))
-        self.tokens = model.backbone.tokens.weight.detach()
-        self.embed_scale = stack.embed_scale
+        tokens = model.backbone.tokens.weight
+        self.embed = (self._ptr(tokens), tokens.shape[0], float(stack.embed_scale))
+        self.pos_table = (0, 0)  # (pointer to position 0's row, rows from there) of learned or sinusoidal positions
+        if stack.positions is not None or hasattr(stack, "sinusoid"):
+            table = stack.positions.weight if stack.positions is not None else stack.sinusoid
+            offset = cfg.pos_offset if stack.positions is not None else 0
+            rows = table.detach()[offset:].float().contiguous()
+            self.keep.append(rows)
+            self.pos_table = (rows.data_ptr(), rows.shape[0])
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(cfg.head_dim)
         self.rms = int(cfg.norm == "rmsnorm")
         self.rope = None  # (cos, sin) of every position of the cache, made at the first step
         self.cross = None  # (the cache's cross k/v it was made from, their contiguous copies, the pointer table)
         self.checked = (None, 0)  # the cache buffer and batch size the kernel's argument checks passed for
+        self.x = torch.empty(0)  # the step's (B, d) work buffer, kept between steps
+        self.last = None  # (the logits of the last step, their argmax per row (B,)), with a float head
 
     def _ptr(self, t) -> int:
         if t is None:
@@ -205,14 +214,12 @@ class FloatStep:
         buf = cache.buf
         if pos >= cache.max_len:
             raise ValueError(f"KV cache is full: {pos + 1} positions needed, {cache.max_len} allocated")
-        x = self.tokens.index_select(0, tokens.reshape(-1))
-        if self.embed_scale != 1.0:
-            x.mul_(self.embed_scale)
+        ids = tokens.reshape(-1)
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        if self.x.shape[0] != B:
+            self.x = torch.empty(B, cfg.d_model)
         rows = None if positions is None else positions.reshape(-1).contiguous()
-        if stack.positions is not None or hasattr(stack, "sinusoid"):
-            table = stack.positions.weight if stack.positions is not None else stack.sinusoid
-            offset = cfg.pos_offset if stack.positions is not None else 0
-            x.add_(table[pos + offset] if rows is None else table[rows + offset])
         cos = sin = 0
         if stack.rope is not None:
             if self.rope is None or self.rope[0].shape[0] < cache.max_len:
@@ -232,15 +239,26 @@ class FloatStep:
         if memory_mask is not None:
             memory_mask = memory_mask.to(torch.int64).contiguous()
         out = torch.empty(B, cfg.vocab_size if self.head else cfg.d_model)
+        top = torch.empty(B, dtype=torch.int64) if self.head else None
         head_w, head_b, logit_scale = self.head or (0, 0, 1.0)
         checked = self.checked[0] is buf and self.checked[1] == B  # checked once per buffer (beam search swaps two)
-        qkernel.float_step(out, x, self.table, cross, buf, 0 if mask is None else mask.data_ptr(),
+        qkernel.float_step(out, self.x, self.table, cross, buf, 0 if mask is None else mask.data_ptr(),
                            0 if rows is None else rows.data_ptr(), cos, sin, rel,
                            0 if memory_mask is None else memory_mask.data_ptr(), *self.final, head_w, head_b,
                            cfg.n_decoder_layers, B, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
                            buf.shape[2], buf.shape[4], pos, S, cfg.vocab_size, rel_n, self.rms,
-                           _ACT[cfg.activation], cfg.norm_eps, self.scale, logit_scale, checked=checked)
+                           _ACT[cfg.activation], cfg.norm_eps, self.scale, logit_scale, checked=checked,
+                           ids=ids.data_ptr(), embed=self.embed[0], n_embed=self.embed[1], pos_table=self.pos_table[0],
+                           n_pos=self.pos_table[1], embed_scale=self.embed[2],
+                           argmax=0 if top is None else top.data_ptr())
         self.checked = (buf, B)
         if self.head is None:
             return self.model.logits(out[:, None])[:, 0].float()
+        self.last = (out, top)
         return out
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits.argmax(-1), taken by the kernel when `logits` are the last step's own (B,)."""
+        if self.last is not None and logits is self.last[0]:
+            return self.last[1]
+        return logits.argmax(-1)

@@ -68,7 +68,7 @@ def token_loop(model, p: Prepared) -> Iterator[tuple[torch.Tensor, torch.Tensor]
                 tokens = sample_next(params.process(logits, h if h is not None else _no_history(logits)),
                                      p.generator)
             else:
-                tokens = (penalties(logits, h, params) if penalised else logits).argmax(-1)
+                tokens = penalties(logits, h, params).argmax(-1) if penalised else state.argmax(logits)
             if can_end:
                 tokens = tokens.masked_fill(done, p.pad)  # finished rows emit pad
             if hist is not None:

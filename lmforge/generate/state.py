@@ -276,9 +276,11 @@ class DecoderState:
             state._float = FloatStep(model)
         return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
-    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
+        if not torch.is_inference_mode_enabled():  # the loops call it inside: entering it costs µs a step
+            with torch.inference_mode():
+                return self.step(tokens)
         if self._native is not None:
             if self._native.serves(self.cache.buf) and self.cache.batch == 1:
                 logits = self._native(int(tokens.reshape(-1)[0]), self.cache.pos)
@@ -302,6 +304,11 @@ class DecoderState:
         if self.positions is not None:
             self.positions = self.positions + 1
         return logits
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens logits.argmax(-1) (B,): the float step's own when `logits` are what
+        its last step returned, unchanged (it takes them in the same call)."""
+        return self._float.argmax(logits) if self._float is not None else logits.argmax(-1)
 
     def _compiled_step(self, tokens: torch.Tensor) -> torch.Tensor:
         cache, B = self.cache, tokens.shape[0]

@@ -15,6 +15,9 @@
  *     memory's keys and values (B, KV, S, hd), projected once by the caller; x = x + a W_o^T + b_o
  *   h = norm(x);  x = x + act(h W_up^T + b) W_down^T + b   (gated: act(h W_gate^T + b) * (h W_up^T + b))
  * and last out = norm(x) (hidden states), or with an LM head W (V, d): out = (s norm(x)) W^T + b.
+ * Given token ids, x starts as their rows of the embedding table (times the embedding scale),
+ * plus each row's row of the position table (learned or sinusoidal); given somewhere to put it,
+ * each row's argmax of the logits (the first largest; a NaN counts as largest, as torch.argmax).
  * norm: LayerNorm (weight, bias) or RMSNorm (weight). The same arithmetic as the eager step, in
  * other summation orders.
  *
@@ -51,6 +54,11 @@ typedef struct {
     const float *cos, *sin;     /* (positions, hd) rotary tables, or NULL */
     const float *rel;           /* (heads, 2 rel_n - 1) relative bias of every distance, or NULL */
     const int64_t *mem_mask;    /* (B, S) 1 for a real source token, or NULL */
+    const int64_t *ids;         /* (B) the rows' tokens, or NULL: x holds the input embeddings */
+    const float *embed;         /* (vocab, d) token embeddings (with ids) */
+    const float *pos_table;     /* (positions, d) learned or sinusoidal positions from position 0, or NULL */
+    int64_t *argmax;            /* (B) each row's argmax of the logits, or NULL */
+    float embed_scale;
 } finputs;
 
 static const float *fp(int64_t p) { return (const float *)(intptr_t)p; }
@@ -304,6 +312,42 @@ static void attend(const float *q, int64_t ldq, const keys_t *kt, const fshape *
     }
 }
 
+/* ---- the input embeddings and the greedy token ---- */
+
+/* x[r] = embed[ids[r]] (* scale), + pos_table[the row's position]: the eager step's arithmetic,
+ * one rounding at each operation (the two loops keep the compiler from fusing them) */
+static void embed_rows(float *x, const fshape *s, const finputs *in) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < s->B; r++) {
+        float *o = x + r * s->d;
+        const float *e = in->embed + in->ids[r] * s->d;
+        if (in->embed_scale != 1.f)
+            for (int64_t i = 0; i < s->d; i++) o[i] = e[i] * in->embed_scale;
+        else
+            memcpy(o, e, sizeof(float) * (size_t)s->d);
+        if (in->pos_table) {
+            const float *p = in->pos_table + (in->positions ? in->positions[r] : s->pos) * s->d;
+            for (int64_t i = 0; i < s->d; i++) o[i] += p[i];
+        }
+    }
+}
+
+static void argmax_rows(const float *logits, const fshape *s, int64_t *out) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < s->B; r++) {
+        const float *v = logits + r * s->vocab;
+        int64_t best = 0;
+        for (int64_t i = 0; i < s->vocab; i++) {
+            if (v[i] != v[i]) { /* NaN */
+                best = i;
+                break;
+            }
+            if (v[i] > v[best]) best = i;
+        }
+        out[r] = best;
+    }
+}
+
 /* ---- the step ---- */
 
 typedef struct {
@@ -359,27 +403,30 @@ static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const 
 }
 
 /* float_step(out, x, table, cross, cache, mask, positions, cos, sin, rel, mem_mask, final_w, final_b,
- *            head_w, head_b,
- *            n_layers, B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n, rms, act, simd,
- *            eps, scale, logit_scale)
- * x (B, d) the rows' input embeddings (positions added), updated in place. out: (B, vocab)
- * logits with head_w, else (B, d) final hidden states. Every pointer but x, table, cache,
- * final_w and out may be 0 (see finputs). */
+ *            head_w, head_b, ids, embed, pos_table, argmax,
+ *            n_layers, B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n, rms, act, simd, n_embed,
+ *            n_pos, eps, scale, logit_scale, embed_scale)
+ * x (B, d) the rows' input embeddings (positions added), updated in place; with ids, a work
+ * buffer the step fills from embed (n_embed rows) and pos_table (n_pos rows) first. out:
+ * (B, vocab) logits with head_w, else (B, d) final hidden states; argmax (with head_w) gets
+ * each row's largest logit's index. Every pointer but x, table, cache, final_w and out may be 0
+ * (see finputs). */
 PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    enum { NP = 15, NV = 16 };
+    enum { NP = 19, NV = 18, ND = 4 };
     void *p[NP];
     int64_t v[NV];
     const char *usage = "float_step(out, x, table, cross, cache, mask, positions, cos, sin, rel, mem_mask, final_w, "
-                        "final_b, head_w, head_b, n_layers, B, d, heads, kv, hd, ff, rows, len, pos, S, vocab, rel_n, "
-                        "rms, act, simd, eps, scale, logit_scale)";
-    if (nargs != NP + NV + 3) {
-        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, NP + NV + 3);
+                        "final_b, head_w, head_b, ids, embed, pos_table, argmax, n_layers, B, d, heads, kv, hd, ff, "
+                        "rows, len, pos, S, vocab, rel_n, rms, act, simd, n_embed, n_pos, eps, scale, logit_scale, "
+                        "embed_scale)";
+    if (nargs != NP + NV + ND) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, NP + NV + ND);
         return NULL;
     }
     if (qk_read_args(args, NP + NV, NP + NV, usage, p, NP, v)) return NULL;
     const double eps = PyFloat_AsDouble(args[NP + NV]), scale = PyFloat_AsDouble(args[NP + NV + 1]),
-                 logit_scale = PyFloat_AsDouble(args[NP + NV + 2]);
+                 logit_scale = PyFloat_AsDouble(args[NP + NV + 2]), embed_scale = PyFloat_AsDouble(args[NP + NV + 3]);
     if (PyErr_Occurred()) return NULL;
     const int64_t n_layers = v[0];
     int simd = (int)v[15];
@@ -392,14 +439,26 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                       (int)v[13], (int)v[14], simd, (float)eps, (float)scale, (float)logit_scale};
     if (n_layers < 1 || s.B < 1 || s.B > s.rows || s.d < 1 || s.kv < 1 || s.heads % s.kv || s.hd < 1 || s.ff < 1
         || s.pos < 0 || s.pos >= s.len || (p[3] && s.S < 1) || (p[9] && s.pos >= s.rel_n) || (p[7] && s.hd % 2)
-        || !p[0] || !p[1] || !p[2] || !p[4] || !p[11] || (p[13] && s.vocab < 1)) {
+        || !p[0] || !p[1] || !p[2] || !p[4] || !p[11] || (p[13] && s.vocab < 1) || (p[15] && !p[16])
+        || (p[18] && !p[13])) {
         PyErr_Format(PyExc_ValueError, "float_step: n_layers=%lld B=%lld rows=%lld heads=%lld kv=%lld hd=%lld pos=%lld "
                      "len=%lld S=%lld rel_n=%lld do not fit", (long long)n_layers, (long long)s.B, (long long)s.rows,
                      (long long)s.heads, (long long)s.kv, (long long)s.hd, (long long)s.pos, (long long)s.len,
                      (long long)s.S, (long long)s.rel_n);
         return NULL;
     }
-    const finputs in = {p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]};
+    const int64_t *ids = p[15], *rowpos = p[6];
+    for (int64_t r = 0; p[15] && r < s.B; r++) {
+        const int64_t at = rowpos ? rowpos[r] : s.pos;
+        if (ids[r] < 0 || ids[r] >= v[16] || (p[17] && (at < 0 || at >= v[17]))) {
+            PyErr_Format(PyExc_ValueError, "float_step: row %lld's token %lld or position %lld is outside the "
+                         "embeddings (%lld tokens, %lld positions)", (long long)r, (long long)ids[r], (long long)at,
+                         (long long)v[16], (long long)v[17]);
+            return NULL;
+        }
+    }
+    const finputs in = {p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[15], p[16], p[17], p[18],
+                        (float)embed_scale};
     const int64_t nq = s.heads * s.hd, nk = s.kv * s.hd, keys = s.len > s.S ? s.len : s.S;
     float *buf = malloc(sizeof(float) * (size_t)(s.B * (s.d + nq + 2 * nk + nq + 2 * s.ff + s.heads * keys)));
     if (!buf) return PyErr_NoMemory();
@@ -414,6 +473,7 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
     {
+        if (in.ids) embed_rows(x, &s, &in);
         for (int64_t l = 0; l < n_layers; l++) layer(x, l, table + l * FIELDS, &s, &in, &w);
         norm_rows(x, s.B, &s, p[11], p[12], head ? w.h : out);
         if (head) {
@@ -422,6 +482,7 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 for (int64_t i = 0; i < s.B * s.d; i++) w.h[i] *= s.logit_scale;
             }
             product(out, s.vocab, w.h, s.d, s.B, s.d, head, head_b, s.vocab, 0, s.simd);
+            if (in.argmax) argmax_rows(out, &s, in.argmax);
         }
     }
     Py_END_ALLOW_THREADS

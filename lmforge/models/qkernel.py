@@ -176,20 +176,24 @@ def float_step(out: torch.Tensor, x: torch.Tensor, table: torch.Tensor, cross: i
                positions: int, cos: int, sin: int, rel: int, mem_mask: int, final_w: int, final_b: int, head_w: int,
                head_b: int, n_layers: int, B: int, d: int, heads: int, kv: int, head_dim: int, d_ff: int, rows: int,
                length: int, pos: int, S: int, vocab: int, rel_n: int, rms: int, act: int, eps: float, scale: float,
-               logit_scale: float, simd: bool = True, checked: bool = False) -> None:
+               logit_scale: float, simd: bool = True, checked: bool = False, ids: int = 0, embed: int = 0,
+               n_embed: int = 0, pos_table: int = 0, n_pos: int = 0, embed_scale: float = 1.0, argmax: int = 0) -> None:
     """One float32 decoding step of B rows in `fstep.c` (lmforge.generate.native's `FloatStep`):
-    x (B, d) the rows' embeddings in; out (B, vocab) logits (head_w given) or (B, d) hidden
-    states. The tensors are checked here; the integers are data pointers (0: absent) the
-    caller keeps alive, as fstep.c describes. checked=True: the caller made out and x itself
-    and already checked this cache and table (the per-step call of `FloatStep`)."""
+    x (B, d) the rows' embeddings in, or with ids (B int64 tokens) a buffer the step fills with
+    their rows of embed (n_embed, d) times embed_scale plus their rows of pos_table (n_pos, d),
+    from position 0 (0: none); out (B, vocab) logits (head_w given) or (B, d) hidden states; argmax (B int64,
+    with head_w) each row's largest logit's index. The tensors are checked here; the integers
+    are data pointers (0: absent) the caller keeps alive, as fstep.c describes. checked=True:
+    the caller made out and x itself and already checked this cache and table (the per-step
+    call of `FloatStep`)."""
     if _qkernel is None:
         raise RuntimeError("lmforge's native kernels were not built (no C compiler at install)")
     if not checked:
         _check_float_step(out, x, table, cache, n_layers, B, d, kv, head_dim, length)
     _qkernel.float_step(out.data_ptr(), x.data_ptr(), table.data_ptr(), cross, cache.data_ptr(), mask, positions, cos,
-                        sin, rel, mem_mask, final_w, final_b, head_w, head_b, n_layers, B, d, heads, kv, head_dim,
-                        d_ff, rows, length, pos, S, vocab, rel_n, rms, act, simd, float(eps), float(scale),
-                        float(logit_scale))
+                        sin, rel, mem_mask, final_w, final_b, head_w, head_b, ids, embed, pos_table, argmax, n_layers,
+                        B, d, heads, kv, head_dim, d_ff, rows, length, pos, S, vocab, rel_n, rms, act, simd, n_embed,
+                        n_pos, float(eps), float(scale), float(logit_scale), float(embed_scale))
 
 
 def _check_float_step(out, x, table, cache, n_layers, B, d, kv, head_dim, length) -> None:

@@ -7,6 +7,8 @@ logits within float rounding, cache contents, greedy tokens, beam hypotheses and
 where it applies; and the kernel's argument checks. (Every test of test_generate against HF
 runs through it too, for the models it fits.)"""
 
+import copy
+
 import pytest
 import torch
 
@@ -58,6 +60,8 @@ def _steps_agree(model, ids, mask, monkeypatch, steps=9):
     for _ in range(steps):
         a, b = eager.step(tokens), native.step(tokens)
         assert (b - a).abs().max() <= 1e-5 * a.abs().max(), f"float step off by {(b - a).abs().max():.2e}"
+        assert native.argmax(b) is native._float.last[1]  # the kernel's, taken in the same call
+        assert torch.equal(native.argmax(b), b.argmax(-1))
         tokens = a.argmax(-1)
     assert native.cache.pos == eager.cache.pos
     torch.testing.assert_close(native.cache.buf, eager.cache.buf, rtol=1e-5, atol=1e-5)  # the same keys, values
@@ -76,6 +80,34 @@ def test_float_step_covers_the_other_options(odd_decoder, monkeypatch):
     torch.manual_seed(6)
     other = build_model(plain).eval()
     _steps_agree(other, *prompts(other), monkeypatch)
+
+
+def test_the_kernels_argmax_is_torchs_on_ties_and_nan(odd_decoder):
+    """torch.argmax's rules: the first of equal largest logits, and a NaN counts as largest."""
+    model = copy.deepcopy(odd_decoder)
+    state, first = DecoderState.prefill(model, *prompts(model), 4)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.fill_(-1.0)
+        model.lm_head.bias[[5, 9, 40]] = 2.0  # a three-way tie at the top
+    state._float = FloatStep(model)  # the head's pointers as they are now
+    logits = state.step(first.argmax(-1))
+    assert state.argmax(logits).tolist() == logits.argmax(-1).tolist() == [5] * logits.shape[0]
+    with torch.no_grad():
+        model.lm_head.bias[[30, 70]] = float("nan")
+    logits = state.step(first.argmax(-1))
+    assert state.argmax(logits).tolist() == logits.argmax(-1).tolist() == [30] * logits.shape[0]
+    changed = logits.clone()
+    changed[:, 30] = 0.0
+    assert state.argmax(changed).tolist() == [70] * logits.shape[0]  # other logits: torch's own argmax
+
+
+def test_a_token_outside_the_vocabulary_is_a_clear_error(odd_decoder):
+    state, first = DecoderState.prefill(odd_decoder, *prompts(odd_decoder), 4)
+    tokens = first.argmax(-1)
+    tokens[1] = odd_decoder.cfg.vocab_size
+    with pytest.raises(ValueError, match="row 1's token 99 .* outside the embeddings \\(99 tokens"):
+        state.step(tokens)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
