@@ -17,8 +17,11 @@ from lmforge.generate.state import DecoderState, Prepared
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (B, K, ...) rows idx (B, K') along dim 1."""
-    return torch.take_along_dim(t, idx.view(*idx.shape, *([1] * (t.dim() - 2))), dim=1)
+    """t (B, K, ...) rows idx (B, K') along dim 1 (torch.gather: take_along_dim's broadcasting
+    and index wrapping cost several ops a call, and a beam step makes a dozen of these)."""
+    if t.dim() > 2:
+        idx = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+    return t.gather(1, idx)
 
 
 @torch.inference_mode()
@@ -106,7 +109,10 @@ def beam_loop(model, p: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         best_running = run_scores[:, :1] / (n ** length_penalty)
         worst = torch.where(fin, fin_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         open_ = open_ & (best_running > worst).any(-1, keepdim=True)
-        if not (bool(open_.any()) and not (bool(fin.all()) and early_stopping is True) and not bool(hits.all())):
+        done = ~open_.any() | hits.all()
+        if early_stopping is True:
+            done |= fin.all()
+        if bool(done):  # one sync a step
             break
         beam_idx = (run_src + offset).view(-1)
         state.reorder(beam_idx, same_source=True)

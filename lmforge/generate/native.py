@@ -182,7 +182,7 @@ class FloatStep:
         self.rms = int(cfg.norm == "rmsnorm")
         self.rope = None  # (cos, sin) of every position of the cache, made at the first step
         self.cross = None  # (the cache's cross k/v it was made from, their contiguous copies, the pointer table)
-        self.checked = (None, 0)  # the cache buffer and batch size the kernel's argument checks passed for
+        self.checked = []  # the (cache buffer, batch size) pairs the kernel's argument checks passed for
         self.x = torch.empty(0)  # the step's (B, d) work buffer, kept between steps
         self.last = None  # (the logits of the last step, their argmax per row (B,)), with a float head
 
@@ -241,7 +241,7 @@ class FloatStep:
         out = torch.empty(B, cfg.vocab_size if self.head else cfg.d_model)
         top = torch.empty(B, dtype=torch.int64) if self.head else None
         head_w, head_b, logit_scale = self.head or (0, 0, 1.0)
-        checked = self.checked[0] is buf and self.checked[1] == B  # checked once per buffer (beam search swaps two)
+        checked = any(b is buf and n == B for b, n in self.checked)  # once per buffer (beam search swaps two)
         qkernel.float_step(out, self.x, self.table, cross, buf, 0 if mask is None else mask.data_ptr(),
                            0 if rows is None else rows.data_ptr(), cos, sin, rel,
                            0 if memory_mask is None else memory_mask.data_ptr(), *self.final, head_w, head_b,
@@ -251,7 +251,8 @@ class FloatStep:
                            ids=ids.data_ptr(), embed=self.embed[0], n_embed=self.embed[1], pos_table=self.pos_table[0],
                            n_pos=self.pos_table[1], embed_scale=self.embed[2],
                            argmax=0 if top is None else top.data_ptr())
-        self.checked = (buf, B)
+        if not checked:
+            self.checked = [*self.checked[-1:], (buf, B)]
         if self.head is None:
             return self.model.logits(out[:, None])[:, 0].float()
         self.last = (out, top)

@@ -60,7 +60,9 @@ def token_loop(model, p: Prepared) -> Iterator[tuple[torch.Tensor, torch.Tensor]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     can_end = bool(eos_ids) or bool(stop)  # else every row runs to max_new_tokens: no bookkeeping
     for t in range(T):
-        with torch.inference_mode():
+        with torch.inference_mode():  # not around the yield: the caller's code between steps runs as it would
+            if t:
+                logits = state.step(tokens)
             if eos_ids and t < cfg.min_new_tokens:
                 logits = min_new_tokens_filter(logits, eos_ids, t, cfg.min_new_tokens)
             h = hist[:, :P + t] if penalised else None
@@ -81,7 +83,6 @@ def token_loop(model, p: Prepared) -> Iterator[tuple[torch.Tensor, torch.Tensor]
         yield tokens, done
         if t + 1 == T or (can_end and bool(done.all())):
             return
-        logits = state.step(tokens)
 
 
 def _no_history(logits: torch.Tensor) -> torch.Tensor:

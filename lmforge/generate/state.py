@@ -19,6 +19,7 @@ import torch
 from lmforge.generate.compiled import bucket_length, compiled_step
 from lmforge.generate.config import GenerationConfig, _count
 from lmforge.generate.native import FLOAT_ROWS_MAX, FloatStep, NativeStep, float_fits, native_fits
+from lmforge.models import qkernel
 from lmforge.models.heads import check_token_ids
 from lmforge.nn.attention import KVCache
 from lmforge.nn.linear import RowBlocks
@@ -256,6 +257,7 @@ class DecoderState:
             state.compiled = compiled
             if floating:
                 state._float = FloatStep(model)
+                cache.gather_rows = qkernel.gather_rows  # beam reorders, copied by the kernels' threads
             return state, logits
         if attention_mask is None:
             state, positions = cls(model, cache, compiled=compiled), None
@@ -274,13 +276,17 @@ class DecoderState:
             state._native = NativeStep(model, cache.buf)
         if floating:
             state._float = FloatStep(model)
+            cache.gather_rows = qkernel.gather_rows
         return state, model.logits(hidden[:, -1:])[:, 0].float()  # only the last position's
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, tokens (B,); return the next-token logits (B, V) in float32."""
         if not torch.is_inference_mode_enabled():  # the loops call it inside: entering it costs µs a step
             with torch.inference_mode():
-                return self.step(tokens)
+                return self._feed(tokens)
+        return self._feed(tokens)
+
+    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._native is not None:
             if self._native.serves(self.cache.buf) and self.cache.batch == 1:
                 logits = self._native(int(tokens.reshape(-1)[0]), self.cache.pos)

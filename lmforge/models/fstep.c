@@ -489,3 +489,38 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     free(buf);
     Py_RETURN_NONE;
 }
+
+/* gather_rows(dst, src, index, outer, rows, segs, seg_len, used): beam search's cache reorder.
+ * dst and src are (outer, rows, segs, seg_len) float32; for every o, r and s the first `used`
+ * floats of dst[o, r, s] become those of src[o, index[r], s] (KV caches: outer = layers x 2,
+ * segs = kv heads, seg_len = length x head_dim, used = the positions written x head_dim). The
+ * copies are shared by the threads; torch's index_select of the same slices runs on one. */
+PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    void *p[3];
+    int64_t v[5];
+    if (qk_read_args(args, nargs, 8, "gather_rows(dst, src, index, outer, rows, segs, seg_len, used)", p, 3, v))
+        return NULL;
+    const int64_t outer = v[0], rows = v[1], segs = v[2], seg_len = v[3], used = v[4], *index = p[2];
+    if (outer < 0 || rows < 0 || segs < 0 || used < 0 || used > seg_len || !p[0] || !p[1] || !p[2]) {
+        PyErr_Format(PyExc_ValueError, "gather_rows: outer=%lld rows=%lld segs=%lld seg_len=%lld used=%lld do not fit",
+                     (long long)outer, (long long)rows, (long long)segs, (long long)seg_len, (long long)used);
+        return NULL;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        if (index[r] < 0 || index[r] >= rows) {
+            PyErr_Format(PyExc_ValueError, "gather_rows: index[%lld] = %lld is not a row of %lld", (long long)r,
+                         (long long)index[r], (long long)rows);
+            return NULL;
+        }
+    float *dst = p[0];
+    const float *src = p[1];
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < outer * rows * segs; t++) {
+        const int64_t o = t / (rows * segs), r = t / segs % rows, s = t % segs;
+        memcpy(dst + t * seg_len, src + ((o * rows + index[r]) * segs + s) * seg_len, sizeof(float) * (size_t)used);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}

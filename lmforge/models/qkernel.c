@@ -430,6 +430,7 @@ static PyMethodDef methods[] = {
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL, "The float weight of packed W."},
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "One decoding step (see qstep.c)."},
     {"float_step", (PyCFunction)(void (*)(void))py_float_step, METH_FASTCALL, "One float32 decoding step (see fstep.c)."},
+    {"gather_rows", (PyCFunction)(void (*)(void))py_gather_rows, METH_FASTCALL, "A KV cache's rows reordered (see fstep.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,5 +41,6 @@ void qk_rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin
 float qk_dot(const float *a, const float *b, int64_t n);
 
 PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

@@ -196,6 +196,25 @@ def float_step(out: torch.Tensor, x: torch.Tensor, table: torch.Tensor, cross: i
                         n_pos, float(eps), float(scale), float(logit_scale), float(embed_scale))
 
 
+def gather_rows(dst: torch.Tensor, src: torch.Tensor, index: torch.Tensor, used: int) -> None:
+    """dst[:, :, r, :, :used] = src[:, :, index[r], :, :used] for KV cache buffers (layers, 2, rows,
+    KV, length, hd) of float32 (beam search's reorder; `fstep.c`, the copies shared by the
+    threads)."""
+    if _qkernel is None:
+        raise RuntimeError("lmforge's native kernels were not built (no C compiler at install)")
+    if (dst.shape != src.shape or dst.dim() != 6 or dst.dtype != torch.float32 or src.dtype != torch.float32
+            or not dst.is_contiguous() or not src.is_contiguous() or dst.device.type != "cpu"
+            or src.device.type != "cpu" or dst.data_ptr() == src.data_ptr()):
+        raise ValueError(f"gather_rows: two distinct contiguous float32 CPU buffers of one 6-d shape, got "
+                         f"{tuple(dst.shape)} {dst.dtype} and {tuple(src.shape)} {src.dtype}")
+    L2, rows, kv, length, hd = dst.shape[0] * dst.shape[1], *dst.shape[2:]
+    if index.dtype != torch.int64 or not index.is_contiguous() or tuple(index.shape) != (rows,):
+        raise ValueError(f"gather_rows: index must be ({rows},) contiguous int64, got {tuple(index.shape)} {index.dtype}")
+    if not 0 <= used <= length:
+        raise ValueError(f"gather_rows: used={used} positions of a cache of {length}")
+    _qkernel.gather_rows(dst.data_ptr(), src.data_ptr(), index.data_ptr(), L2, rows, kv, length * hd, used * hd)
+
+
 def _check_float_step(out, x, table, cache, n_layers, B, d, kv, head_dim, length) -> None:
     for name, t in (("out", out), ("x", x), ("cache", cache)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":

@@ -40,13 +40,14 @@ class KVCache:
                        for _ in range(n_layers)]
         else:  # one buffer for every layer (one copy reorders them all); kv[layer] is a view of it
             self.buf = torch.zeros(n_layers, 2, *shape, dtype=dtype, device=device)
-            self.kv = list(self.buf)
+            self._kv = None  # made from buf when first asked for (a native step reads buf itself)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.rel_bias: torch.Tensor | None = None
         self.pos = 0  # number of positions already written
         self.max_len = max_len
         self.blocks = blocks
         self._spare: torch.Tensor | None = None  # see reorder
+        self.gather_rows = None  # reorder's copy, gather_rows(dst, src, index, pos), if not index_select
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu",
@@ -55,8 +56,19 @@ class KVCache:
                    per_layer)
 
     @property
+    def kv(self) -> list:
+        """Each layer's keys and values, (2, B, KV, max_len, hd) or a (keys, values) pair."""
+        if self._kv is None:
+            self._kv = list(self.buf)
+        return self._kv
+
+    @kv.setter
+    def kv(self, value: list) -> None:
+        self._kv = value
+
+    @property
     def batch(self) -> int:
-        return self.kv[0][0].shape[0]
+        return self.buf.shape[2] if self.buf is not None else self._kv[0][0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, KV, T, hd) of `layer` at [pos, pos+T); return its keys and values up to pos+T."""
@@ -82,12 +94,15 @@ class KVCache:
         elif index.numel() == self.batch:
             if self._spare is None:
                 self._spare = torch.empty_like(self.buf)
-            torch.index_select(self.buf[..., :self.pos, :], 2, index, out=self._spare[..., :self.pos, :])
+            if self.gather_rows is not None:
+                self.gather_rows(self._spare, self.buf, index, self.pos)
+            else:
+                torch.index_select(self.buf[..., :self.pos, :], 2, index, out=self._spare[..., :self.pos, :])
             self.buf, self._spare = self._spare, self.buf
         else:  # the batch grows or shrinks: new buffers
             self.buf, self._spare = self.buf.index_select(2, index), None
         if self.buf is not None:
-            self.kv = list(self.buf)
+            self._kv = None
         if cross:
             self.cross = [None if c is None else (c[0].index_select(0, index), c[1].index_select(0, index))
                           for c in self.cross]

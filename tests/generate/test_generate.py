@@ -384,9 +384,14 @@ def test_truncate_keeps_the_last_tokens(pairs):
         beam_search(ours, [long], max_new_tokens=10)
 
 
-def test_kv_cache_reorder_copies_the_written_positions():
+@pytest.mark.parametrize("native", [False, True])
+def test_kv_cache_reorder_copies_the_written_positions(native):
+    from lmforge.models import qkernel
     from lmforge.nn.attention import KVCache
+    if native and not qkernel.available():
+        pytest.skip("lmforge.models._qkernel was not built here")
     cache = KVCache(n_layers=2, batch=2, n_kv_heads=3, max_len=6, head_dim=4)
+    cache.gather_rows = qkernel.gather_rows if native else None  # the float step's copier, or index_select
     g = torch.Generator().manual_seed(0)
     for layer in range(2):
         cache.update(layer, torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g))
