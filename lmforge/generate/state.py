@@ -246,7 +246,11 @@ class DecoderState:
         compiled = compiled and not (native or floating)  # a native step is the faster where it applies
         if compiled:  # a length that later generations share (one compiled graph per length)
             length = bucket_length(length, cfg.max_len)
-        cache = KVCache.for_model(cfg, B, length, dtype, dev, blocks, per_layer=compiled)
+        # a native step reads the weights as they are: the prompt (or T5's start token) then runs
+        # without RowBlocks, whose stacked copies it would make for nothing (3.6 ms on the GPT-2-like
+        # model of bench/decode.py, a fifth of its 32-token prompt); an eager step after it has them
+        cache = KVCache.for_model(cfg, B, length, dtype, dev, None if native or floating else blocks,
+                                  per_layer=compiled)
         if seq2seq:
             if cfg.decoder_start_id is None:
                 raise ValueError("ModelConfig.decoder_start_id is needed to generate with an encoder-decoder")
@@ -258,6 +262,7 @@ class DecoderState:
             if floating:
                 state._float = FloatStep(model)
                 cache.gather_rows = qkernel.gather_rows  # beam reorders, copied by the kernels' threads
+            cache.blocks = blocks
             return state, logits
         if attention_mask is None:
             state, positions = cls(model, cache, compiled=compiled), None
@@ -272,6 +277,7 @@ class DecoderState:
             hidden = bb.decode(input_ids[:, start:end], cache=cache,
                                attention_mask=None if attention_mask is None else attention_mask[:, :end],
                                position_ids=None if positions is None else positions[:, start:end])
+        cache.blocks = blocks
         if native:
             state._native = NativeStep(model, cache.buf)
         if floating:

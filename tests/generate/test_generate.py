@@ -437,19 +437,29 @@ def _change_module(m):
     torch.nn.init.normal_(new.weight, std=2.0)
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("change", [_change_data, _change_copy, _change_state_dict, _change_optimizer_step,
                                     _change_module])
-def test_the_next_generation_sees_every_change_of_a_weight(change):
-    """Each generation lays the small weights out anew (RowBlocks): whichever way a weight
-    changes, the next generation gives what a freshly loaded model with those weights gives."""
+def test_the_next_generation_sees_every_change_of_a_weight(change, native, monkeypatch):
+    """Each generation lays the small weights out anew (RowBlocks), or points the native float
+    step at them anew: whichever way a weight changes, the next generation gives what a freshly
+    loaded model with those weights gives."""
     from lmforge.generate.state import DecoderState
+    from lmforge.models import qkernel
+    if native and not qkernel.available():
+        pytest.skip("lmforge.models._qkernel was not built here")
+    if not native:
+        monkeypatch.setenv("LMFORGE_NATIVE_STEP", "0")
     torch.manual_seed(0)
     model = Model(ModelConfig.preset("gpt-tiny", vocab_size=64)).eval()
     prompt = [[5, 6, 7, 8]]
     before = generate(model, prompt, max_new_tokens=12, eos_ids=[]).tolist()
     state, _ = DecoderState.prefill(model, torch.tensor(prompt), None, 2)
     state.step(torch.tensor([9]))
-    assert len(state.cache.blocks) > 0  # the decoding steps ran through the laid-out weights
+    if native:
+        assert state._float is not None  # the decoding steps ran through the float step
+    else:
+        assert len(state.cache.blocks) > 0  # the decoding steps ran through the laid-out weights
     change(model)
     model.eval()
     fresh = Model(model.cfg).eval()
