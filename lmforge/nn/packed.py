@@ -18,12 +18,12 @@ they do (`lmforge.generate.compiled.weights_version`). LMFORGE_PACKED=0 turns pa
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn as nn
 
 from lmforge.nn.linear import Linear, _cpu_fp32
+from lmforge.nn.measure import best_time
 
 
 def _packed_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -39,18 +39,6 @@ def packing_enabled() -> bool:
     ops = torch.ops.mkldnn
     return os.environ.get("LMFORGE_PACKED", "1") != "0" and torch.backends.mkldnn.is_available() \
         and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
-
-
-def best_time(fn, repeats: int = 5) -> float:
-    """The shortest of `repeats` timed runs of fn(), after one untimed run: how the speed paths
-    that depend on the CPU are chosen here (at run time, by measurement)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def packing_pays(d_in: int, d_out: int, rows: int, repeats: int = 5) -> bool:

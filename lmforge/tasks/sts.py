@@ -49,10 +49,12 @@ def read_sts(path: str | Path) -> list[ScoredPair]:
     return pairs
 
 
-def eval_sts(model, tokenizer, pairs: list[ScoredPair], batch_size: int = 32) -> dict[str, float]:
-    """Spearman and Pearson correlation of cosine similarity with the gold scores."""
-    a = embed(model, tokenizer, [p.a for p in pairs], batch_size=batch_size)
-    b = embed(model, tokenizer, [p.b for p in pairs], batch_size=batch_size)
+def eval_sts(model, tokenizer, pairs: list[ScoredPair], batch_size: int = 32, dtype: str = "float32"
+             ) -> dict[str, float]:
+    """Spearman and Pearson correlation of cosine similarity with the gold scores (embeddings in
+    `dtype`, as `embed` takes it)."""
+    a = embed(model, tokenizer, [p.a for p in pairs], batch_size=batch_size, dtype=dtype)
+    b = embed(model, tokenizer, [p.b for p in pairs], batch_size=batch_size, dtype=dtype)
     sims = (a * b).sum(-1).tolist() if a.shape == b.shape else cosine(a, b).diagonal().tolist()
     gold = [p.score for p in pairs]
     return {"spearman": spearman(sims, gold), "pearson": pearson(sims, gold), "pairs": len(pairs)}

@@ -1,0 +1,48 @@
+"""Speed paths that depend on the CPU, chosen at run time by measurement.
+
+The same code can be fast on one x86 CPU and slow on another: oneDNN's packed weights pay on
+some builds and not others (`lmforge.nn.packed`), and bfloat16 matrix products run on
+dedicated instructions (AVX512-BF16, AMX) where the CPU has them, and through a slow
+fallback where it does not (on a 2-core AVX2 EPYC: torch's bfloat16 matmul at 1.3 GFLOP/s
+against 160 in float32, and bfloat16 sentence embeddings 5.8x slower than float32). So a
+path is not assumed: `best_time` times it here, on the model's own shapes, once per process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+_BF16: dict[tuple, bool] = {}  # (device type, d_in, d_out, rows) -> whether bfloat16 pays, measured once
+
+
+def best_time(fn, repeats: int = 5) -> float:
+    """The shortest of `repeats` timed runs of fn(), after one untimed run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bf16_pays(d_in: int, d_out: int, rows: int, device: torch.device | str = "cpu", repeats: int = 3) -> bool:
+    """Whether a (rows, d_in) x (d_in, d_out) product under bfloat16 autocast runs at least 1.25x
+    as fast as in float32 here (measured once per process and shape)."""
+    device = torch.device(device)
+    key = (device.type, d_in, d_out, rows)
+    if key not in _BF16:
+        w, x = torch.randn(d_out, d_in, device=device), torch.randn(rows, d_in, device=device)
+
+        def product(bf16: bool):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return torch.nn.functional.linear(x, w)
+        with torch.inference_mode():
+            fp32 = best_time(lambda: product(False), repeats)
+            half = best_time(lambda: product(True), 1)
+            if half < fp32 / 1.25:  # worth a closer look (a slow fallback is ruled out after one run)
+                half = best_time(lambda: product(True), repeats)
+        _BF16[key] = half < fp32 / 1.25
+    return _BF16[key]
