@@ -192,33 +192,45 @@ AVX2 static void tile2_avx2(const float *x, int64_t ldx, int64_t k, const float 
 }
 #endif
 
-/* y[r, j] (rows ldy apart) = (acc ? y[r, j] : 0) + b[j] + x[r] . W[j] (x's rows ldx apart); the
- * output columns shared by the enclosing region's threads in blocks of 4 (a block's W rows stay
- * in L1 across x's rows). */
+/* y[r, j] (rows ldy apart) = (acc ? y[r, j] : 0) + b[j] + x[r] . W[j] for the block of W rows
+ * j0..j0+3 (x's rows ldx apart; the block's W rows stay in L1 across x's rows) */
+static inline void product_block(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t k,
+                                 const float *w, const float *b, int64_t n, int acc, int simd, int64_t j0) {
+    (void)simd;
+    const int nc = n - j0 < 4 ? (int)(n - j0) : 4;
+    if (j0 + 8 <= n) /* the next block of W, a cache line at a time, while this one is multiplied */
+        for (int64_t q = 0; q < 4 * k; q += 16) __builtin_prefetch(w + (j0 + 4) * k + q);
+    for (int64_t r = 0; r < rows; r += 2) {
+        const int nr = rows - r < 2 ? (int)(rows - r) : 2;
+        float s[2][4];
+#ifdef FS_X86
+        if (simd && nc == 4 && nr == 2) tile2_avx2(x + r * ldx, ldx, k, w + j0 * k, s);
+        else if (simd && nc == 4) tile1_avx2(x + r * ldx, k, w + j0 * k, s);
+        else
+#endif
+            tile_plain(x + r * ldx, ldx, k, nr, w + j0 * k, nc, s);
+        for (int i = 0; i < nr; i++)
+            for (int c = 0; c < nc; c++) {
+                float *out = y + (r + i) * ldy + j0 + c;
+                *out = (acc ? *out : 0.f) + s[i][c] + (b ? b[j0 + c] : 0.f);
+            }
+    }
+}
+
+/* The product for every block of 4 output columns, the blocks shared by the enclosing region's
+ * threads; the region waits for all of them at the end. */
 static void product(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t k, const float *w,
                     const float *b, int64_t n, int acc, int simd) {
-    (void)simd;
 #pragma omp for schedule(static)
-    for (int64_t j0 = 0; j0 < n; j0 += 4) {
-        const int nc = n - j0 < 4 ? (int)(n - j0) : 4;
-        if (j0 + 8 <= n) /* the next block of W, a cache line at a time, while this one is multiplied */
-            for (int64_t q = 0; q < 4 * k; q += 16) __builtin_prefetch(w + (j0 + 4) * k + q);
-        for (int64_t r = 0; r < rows; r += 2) {
-            const int nr = rows - r < 2 ? (int)(rows - r) : 2;
-            float s[2][4];
-#ifdef FS_X86
-            if (simd && nc == 4 && nr == 2) tile2_avx2(x + r * ldx, ldx, k, w + j0 * k, s);
-            else if (simd && nc == 4) tile1_avx2(x + r * ldx, k, w + j0 * k, s);
-            else
-#endif
-                tile_plain(x + r * ldx, ldx, k, nr, w + j0 * k, nc, s);
-            for (int i = 0; i < nr; i++)
-                for (int c = 0; c < nc; c++) {
-                    float *out = y + (r + i) * ldy + j0 + c;
-                    *out = (acc ? *out : 0.f) + s[i][c] + (b ? b[j0 + c] : 0.f);
-                }
-        }
-    }
+    for (int64_t j0 = 0; j0 < n; j0 += 4) product_block(y, ldy, x, ldx, rows, k, w, b, n, acc, simd, j0);
+}
+
+/* The same without the wait at the end: for a product whose output nothing reads before the
+ * next product's wait (q and k before v; the up projection before the gate) */
+static void product_nowait(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows, int64_t k,
+                           const float *w, const float *b, int64_t n, int acc, int simd) {
+#pragma omp for schedule(static) nowait
+    for (int64_t j0 = 0; j0 < n; j0 += 4) product_block(y, ldy, x, ldx, rows, k, w, b, n, acc, simd, j0);
 }
 
 /* ---- the per-row pieces ---- */
@@ -359,8 +371,8 @@ static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const 
     float *keys = in->cache + (l * 2 + 0) * s->rows * s->kv * s->len * hd;
     float *values = in->cache + (l * 2 + 1) * s->rows * s->kv * s->len * hd;
     norm_rows(x, B, s, fp(t[N1_W]), fp(t[N1_B]), w->h);
-    product(w->qkv, ld, w->h, d, B, d, fp(t[WQ]), fp(t[BQ]), nq, 0, s->simd);
-    product(w->qkv + nq, ld, w->h, d, B, d, fp(t[WK]), fp(t[BK]), nk, 0, s->simd);
+    product_nowait(w->qkv, ld, w->h, d, B, d, fp(t[WQ]), fp(t[BQ]), nq, 0, s->simd);
+    product_nowait(w->qkv + nq, ld, w->h, d, B, d, fp(t[WK]), fp(t[BK]), nk, 0, s->simd);
     product(w->qkv + nq + nk, ld, w->h, d, B, d, fp(t[WV]), fp(t[BV]), nk, 0, s->simd);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B; r++) {
@@ -388,7 +400,8 @@ static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const 
     }
     norm_rows(x, B, s, fp(t[N3_W]), fp(t[N3_B]), w->h);
     const int gated = t[WGATE] != 0;
-    product(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
+    if (gated) product_nowait(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
+    else product(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
     if (gated) product(w->ff + s->ff, 2 * s->ff, w->h, d, B, d, fp(t[WGATE]), fp(t[BGATE]), s->ff, 0, s->simd);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B; r++) {
