@@ -29,6 +29,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define FS_X86 1
@@ -235,22 +239,36 @@ static void product_nowait(float *y, int64_t ldy, const float *x, int64_t ldx, i
 
 /* ---- the per-row pieces ---- */
 
+static void norm_row(const float *xr, const fshape *s, const float *g, const float *b, float *o) {
+    if (s->rms) {
+        qk_rmsnorm(xr, g, s->d, s->eps, o);
+        return;
+    }
+    double mean = 0.0, var = 0.0; /* LayerNorm */
+    for (int64_t i = 0; i < s->d; i++) mean += xr[i];
+    mean /= (double)s->d;
+    for (int64_t i = 0; i < s->d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+    const float m = (float)mean, inv = 1.f / sqrtf((float)(var / (double)s->d) + s->eps);
+    for (int64_t i = 0; i < s->d; i++) o[i] = (xr[i] - m) * inv * g[i] + (b ? b[i] : 0.f);
+}
+
+/* out = norm(x), the rows shared by the region's threads */
 static void norm_rows(const float *x, int64_t rows, const fshape *s, const float *g, const float *b, float *out) {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * s->d;
-        float *o = out + r * s->d;
-        if (s->rms) {
-            qk_rmsnorm(xr, g, s->d, s->eps, o);
-            continue;
-        }
-        double mean = 0.0, var = 0.0;  /* LayerNorm */
-        for (int64_t i = 0; i < s->d; i++) mean += xr[i];
-        mean /= (double)s->d;
-        for (int64_t i = 0; i < s->d; i++) var += (xr[i] - mean) * (xr[i] - mean);
-        const float m = (float)mean, inv = 1.f / sqrtf((float)(var / (double)s->d) + s->eps);
-        for (int64_t i = 0; i < s->d; i++) o[i] = (xr[i] - m) * inv * g[i] + (b ? b[i] : 0.f);
-    }
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * s->d, s, g, b, out + r * s->d);
+}
+
+/* The calling thread's own copy of norm(x), every row: the products that read it need no wait
+ * for the other threads (a norm of a few rows costs less than the wait) */
+static float *norm_mine(const float *x, int64_t rows, const fshape *s, const float *g, const float *b,
+                        float *mine) {
+    int64_t t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    float *out = mine + t * rows * s->d;
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * s->d, s, g, b, out + r * s->d);
+    return out;
 }
 
 static float act(float v, int kind) {
@@ -363,17 +381,17 @@ static void argmax_rows(const float *logits, const fshape *s, int64_t *out) {
 /* ---- the step ---- */
 
 typedef struct {
-    float *h, *qkv, *att, *ff, *p;
+    float *mine, *qkv, *att, *ff, *p; /* mine: each thread's (B, d) normed rows */
 } fwork;
 
 static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const finputs *in, const fwork *w) {
     const int64_t B = s->B, d = s->d, hd = s->hd, nq = s->heads * hd, nk = s->kv * hd, ld = nq + 2 * nk;
     float *keys = in->cache + (l * 2 + 0) * s->rows * s->kv * s->len * hd;
     float *values = in->cache + (l * 2 + 1) * s->rows * s->kv * s->len * hd;
-    norm_rows(x, B, s, fp(t[N1_W]), fp(t[N1_B]), w->h);
-    product_nowait(w->qkv, ld, w->h, d, B, d, fp(t[WQ]), fp(t[BQ]), nq, 0, s->simd);
-    product_nowait(w->qkv + nq, ld, w->h, d, B, d, fp(t[WK]), fp(t[BK]), nk, 0, s->simd);
-    product(w->qkv + nq + nk, ld, w->h, d, B, d, fp(t[WV]), fp(t[BV]), nk, 0, s->simd);
+    const float *h = norm_mine(x, B, s, fp(t[N1_W]), fp(t[N1_B]), w->mine);
+    product_nowait(w->qkv, ld, h, d, B, d, fp(t[WQ]), fp(t[BQ]), nq, 0, s->simd);
+    product_nowait(w->qkv + nq, ld, h, d, B, d, fp(t[WK]), fp(t[BK]), nk, 0, s->simd);
+    product(w->qkv + nq + nk, ld, h, d, B, d, fp(t[WV]), fp(t[BV]), nk, 0, s->simd);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B; r++) {
         float *row = w->qkv + r * ld;
@@ -391,18 +409,18 @@ static void layer(float *x, int64_t l, const int64_t *t, const fshape *s, const 
     attend(w->qkv, ld, &self, s, in->rel, w->p, w->att);
     product(x, d, w->att, nq, B, nq, fp(t[WO]), fp(t[BO]), d, 1, s->simd);
     if (t[CQ]) {
-        norm_rows(x, B, s, fp(t[N2_W]), fp(t[N2_B]), w->h);
-        product(w->qkv, nq, w->h, d, B, d, fp(t[CQ]), fp(t[CBQ]), nq, 0, s->simd);
+        h = norm_mine(x, B, s, fp(t[N2_W]), fp(t[N2_B]), w->mine);
+        product(w->qkv, nq, h, d, B, d, fp(t[CQ]), fp(t[CBQ]), nq, 0, s->simd);
         const keys_t mem = {fp(in->cross[2 * l]), fp(in->cross[2 * l + 1]), s->kv * s->S * hd, s->S * hd, s->S,
                             in->mem_mask, s->S};
         attend(w->qkv, nq, &mem, s, NULL, w->p, w->att);
         product(x, d, w->att, nq, B, nq, fp(t[CO]), fp(t[CBO]), d, 1, s->simd);
     }
-    norm_rows(x, B, s, fp(t[N3_W]), fp(t[N3_B]), w->h);
+    h = norm_mine(x, B, s, fp(t[N3_W]), fp(t[N3_B]), w->mine);
     const int gated = t[WGATE] != 0;
-    if (gated) product_nowait(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
-    else product(w->ff, 2 * s->ff, w->h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
-    if (gated) product(w->ff + s->ff, 2 * s->ff, w->h, d, B, d, fp(t[WGATE]), fp(t[BGATE]), s->ff, 0, s->simd);
+    if (gated) product_nowait(w->ff, 2 * s->ff, h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
+    else product(w->ff, 2 * s->ff, h, d, B, d, fp(t[WUP]), fp(t[BUP]), s->ff, 0, s->simd);
+    if (gated) product(w->ff + s->ff, 2 * s->ff, h, d, B, d, fp(t[WGATE]), fp(t[BGATE]), s->ff, 0, s->simd);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < B; r++) {
         float *u = w->ff + r * 2 * s->ff;
@@ -473,10 +491,14 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const finputs in = {p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[15], p[16], p[17], p[18],
                         (float)embed_scale};
     const int64_t nq = s.heads * s.hd, nk = s.kv * s.hd, keys = s.len > s.S ? s.len : s.S;
-    float *buf = malloc(sizeof(float) * (size_t)(s.B * (s.d + nq + 2 * nk + nq + 2 * s.ff + s.heads * keys)));
+    int64_t threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    float *buf = malloc(sizeof(float) * (size_t)(s.B * (threads * s.d + nq + 2 * nk + nq + 2 * s.ff + s.heads * keys)));
     if (!buf) return PyErr_NoMemory();
-    fwork w = {.h = buf};
-    w.qkv = w.h + s.B * s.d;
+    fwork w = {.mine = buf};
+    w.qkv = w.mine + threads * s.B * s.d;
     w.att = w.qkv + s.B * (nq + 2 * nk);
     w.ff = w.att + s.B * nq;
     w.p = w.ff + s.B * 2 * s.ff;
@@ -484,18 +506,18 @@ PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const int64_t *table = p[2];
     const float *head = p[13], *head_b = p[14];
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         if (in.ids) embed_rows(x, &s, &in);
         for (int64_t l = 0; l < n_layers; l++) layer(x, l, table + l * FIELDS, &s, &in, &w);
-        norm_rows(x, s.B, &s, p[11], p[12], head ? w.h : out);
         if (head) {
-            if (s.logit_scale != 1.f) {
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < s.B * s.d; i++) w.h[i] *= s.logit_scale;
-            }
-            product(out, s.vocab, w.h, s.d, s.B, s.d, head, head_b, s.vocab, 0, s.simd);
+            float *h = norm_mine(x, s.B, &s, p[11], p[12], w.mine);
+            if (s.logit_scale != 1.f)
+                for (int64_t i = 0; i < s.B * s.d; i++) h[i] *= s.logit_scale;
+            product(out, s.vocab, h, s.d, s.B, s.d, head, head_b, s.vocab, 0, s.simd);
             if (in.argmax) argmax_rows(out, &s, in.argmax);
+        } else {
+            norm_rows(x, s.B, &s, p[11], p[12], out);
         }
     }
     Py_END_ALLOW_THREADS
