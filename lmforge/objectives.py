@@ -33,29 +33,17 @@ def _inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS and v is not None}
 
 
-def _target_logits(model, inputs: dict, targets: torch.Tensor) -> tuple:
-    """(the model's output, with token logits (N, V) at the N positions whose target (B, T) is not
-    -100; those N targets). The model computes no other position's logits (`logits_at` of
-    lmforge.models.heads.Model): each would cost a product with the whole vocabulary."""
+def _token_loss(model, inputs: dict, targets: torch.Tensor, label_smoothing: float) -> tuple:
+    """The model's output for the positions whose target (B, T) is not -100, with the token part
+    (LM or MLM logits) replaced by its (loss, nll, acc) (`targets` of lmforge.models.heads.Model).
+    The model computes no other position's logits (`logits_at`): each would cost a product with
+    the whole vocabulary. Loss and logits are float32, also under bf16 autocast."""
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         raise ValueError("the batch has no target tokens (every label is -100)")
-    if bool(keep.all()):  # every position: logits (B, T, V), no gather
-        return model(**inputs), targets
-    return model(**inputs, logits_at=keep), targets[keep]
-
-
-def _token_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, dict]:
-    """Mean CE over targets != -100: logits (..., V), targets (...). Returns (loss, {nll, acc})."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V); float32 even under bf16 autocast
-    targets = targets.reshape(-1)  # (N,)
-    nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    loss = nll if not label_smoothing else F.cross_entropy(
-        logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
-    with torch.no_grad():
-        keep = targets != IGNORE_INDEX
-        acc = (logits.argmax(-1)[keep] == targets[keep]).float().mean()
-    return loss, {"nll": nll.detach(), "acc": acc}
+    if bool(keep.all()):  # every position: no gather
+        return model(**inputs, targets=targets, label_smoothing=label_smoothing)
+    return model(**inputs, logits_at=keep, targets=targets[keep], label_smoothing=label_smoothing)
 
 
 def causal_lm(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -72,20 +60,19 @@ def causal_lm(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.T
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
         if batch.get("attention_mask") is not None:
             targets = targets.masked_fill(batch["attention_mask"].roll(-1, dims=1) == 0, IGNORE_INDEX)
-    logits, targets = _target_logits(model, _inputs(batch), targets)
-    loss, m = _token_ce(logits, targets, label_smoothing)
-    return loss, {"loss": loss.detach(), "nll": m["nll"], "acc": m["acc"]}
+    loss, nll, acc = _token_loss(model, _inputs(batch), targets, label_smoothing)
+    return loss, {"loss": loss.detach(), "nll": nll, "acc": acc}
 
 
-def _mlm_logits(out):
-    return out[0] if isinstance(out, tuple) else out
+def _mlm_part(out):
+    """(loss, nll, acc) of the MLM head; a pretraining model gives (that, NSP logits)."""
+    return out[0] if isinstance(out[0], tuple) else out
 
 
 def masked_lm(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Masked-token prediction (BERT): CE over positions where `labels` (B, T) != -100."""
-    out, targets = _target_logits(model, _inputs(batch), batch["labels"])
-    loss, m = _token_ce(_mlm_logits(out), targets, label_smoothing)
-    return loss, {"loss": loss.detach(), "nll": m["nll"], "mlm_acc": m["acc"]}
+    loss, nll, acc = _mlm_part(_token_loss(model, _inputs(batch), batch["labels"], label_smoothing))
+    return loss, {"loss": loss.detach(), "nll": nll, "mlm_acc": acc}
 
 
 def mlm_nsp(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -94,13 +81,12 @@ def mlm_nsp(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Ten
     batch: `labels` (B, T) as for `masked_lm`, `next_sentence_label` (B,) with 0 = IsNext, 1 = NotNext.
     `nll` is the MLM part alone, so its exp is the MLM perplexity.
     """
-    (mlm_logits, nsp_logits), targets = _target_logits(model, _inputs(batch), batch["labels"])  # (N, V), (B, 2)
-    mlm_loss, m = _token_ce(mlm_logits, targets, label_smoothing)
+    (mlm_loss, nll, mlm_acc), nsp_logits = _token_loss(model, _inputs(batch), batch["labels"], label_smoothing)
     nsp_target = batch["next_sentence_label"]
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_target)
     loss = mlm_loss + nsp_loss
     nsp_acc = (nsp_logits.detach().argmax(-1) == nsp_target).float().mean()
-    return loss, {"loss": loss.detach(), "nll": m["nll"], "mlm_acc": m["acc"],
+    return loss, {"loss": loss.detach(), "nll": nll, "mlm_acc": mlm_acc,
                   "nsp_loss": nsp_loss.detach(), "nsp_acc": nsp_acc}
 
 
@@ -125,9 +111,8 @@ def seq2seq(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Ten
             raise ValueError("seq2seq: the model config has no decoder_start_id and the batch no decoder_input_ids")
         pad = cfg.pad_id if cfg.pad_id is not None else cfg.decoder_start_id
         batch = {**batch, "decoder_input_ids": shift_right(batch["labels"], cfg.decoder_start_id, pad)}
-    logits, targets = _target_logits(model, _inputs(batch), batch["labels"])
-    loss, m = _token_ce(logits, targets, label_smoothing)
-    return loss, {"loss": loss.detach(), "nll": m["nll"], "acc": m["acc"]}
+    loss, nll, acc = _token_loss(model, _inputs(batch), batch["labels"], label_smoothing)
+    return loss, {"loss": loss.detach(), "nll": nll, "acc": acc}
 
 
 def classification(model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.models.transformer import Transformer
+from lmforge.nn.cross_entropy import token_loss
 from lmforge.nn.layers import activation
 from lmforge.nn.linear import Linear, fast_linear
 
@@ -40,9 +41,11 @@ class LMHead(nn.Module):
         self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.lm_head_bias else None
 
-    def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, tokens: nn.Embedding, targets: torch.Tensor | None = None,
+                label_smoothing: float = 0.0):
+        """The logits (..., V); with `targets` (...), `token_loss`'s (loss, nll, acc) instead."""
         w = tokens.weight if self.weight is None else self.weight
-        return fast_linear(h * self.scale if self.scale != 1.0 else h, w, self.bias)
+        return _vocab(h * self.scale if self.scale != 1.0 else h, w, self.bias, targets, label_smoothing)
 
 
 class MLMHead(nn.Module):
@@ -55,8 +58,14 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, h: torch.Tensor, tokens: nn.Embedding) -> torch.Tensor:
-        return fast_linear(self.norm(self.act(self.dense(h))), tokens.weight, self.bias)
+    def forward(self, h: torch.Tensor, tokens: nn.Embedding, targets: torch.Tensor | None = None,
+                label_smoothing: float = 0.0):
+        """As LMHead's."""
+        return _vocab(self.norm(self.act(self.dense(h))), tokens.weight, self.bias, targets, label_smoothing)
+
+
+def _vocab(x, w, b, targets, label_smoothing):
+    return fast_linear(x, w, b) if targets is None else token_loss(x, w, b, targets, label_smoothing, fast_linear)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -123,14 +132,19 @@ class Model(nn.Module):
         return self.lm_head(hidden, self.backbone.tokens)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, decoder_input_ids=None,
-                decoder_attention_mask=None, position_ids=None, logits_at=None):
+                decoder_attention_mask=None, position_ids=None, logits_at=None, targets=None,
+                label_smoothing=0.0):
         """logits_at: a bool (B, T) mask over the positions of the top stack (the decoder's in an
         encoder-decoder): the LM or MLM logits of those positions only, as (N, V) in row-major
         order. An objective passes the positions that have a target: every other position would
-        cost a product with the whole vocabulary (BERT's MLM reads ~15% of them)."""
+        cost a product with the whole vocabulary (BERT's MLM reads ~15% of them).
+        targets: the token targets of those positions ((N,), or (B, T) without logits_at; -100 for
+        none): instead of the logits, (loss, nll, acc) of their cross-entropy, which under a gradient
+        is fused with the vocabulary product (lmforge.nn.cross_entropy) and makes no (N, V) tensor."""
         t = self.cfg.task
-        if logits_at is not None and t not in ("lm", "mlm", "pretraining"):
-            raise ValueError(f"logits_at applies to the tasks lm, mlm and pretraining; this model's task is {t!r}")
+        for name, given in (("logits_at", logits_at), ("targets", targets)):
+            if given is not None and t not in ("lm", "mlm", "pretraining"):
+                raise ValueError(f"{name} applies to the tasks lm, mlm and pretraining; this model's task is {t!r}")
         if t == "embed" and self.cfg.family == "encoder-decoder":
             check_token_ids(input_ids, self.cfg.vocab_size)
             h = self.backbone.encode(input_ids, attention_mask)
@@ -138,12 +152,13 @@ class Model(nn.Module):
             h = self.hidden(input_ids, attention_mask, token_type_ids, decoder_input_ids,
                             decoder_attention_mask, position_ids)
         at = h if logits_at is None else h[logits_at]
+        loss_args = () if targets is None else (targets, label_smoothing)  # a quantised head takes none
         if t == "lm":
-            return self.logits(at)
+            return self.lm_head(at, self.backbone.tokens, *loss_args)
         if t == "mlm":
-            return self.mlm_head(at, self.backbone.tokens)
+            return self.mlm_head(at, self.backbone.tokens, *loss_args)
         if t == "pretraining":
-            return self.mlm_head(at, self.backbone.tokens), self.nsp_head(self.backbone.pool(h))
+            return self.mlm_head(at, self.backbone.tokens, *loss_args), self.nsp_head(self.backbone.pool(h))
         if t == "qa":
             start, end = self.qa_head(h).unbind(-1)
             return start, end

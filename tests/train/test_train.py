@@ -236,7 +236,7 @@ def _step_losses(tmp_path, name, **kw) -> list[float]:
 
 def test_bfloat16_autocast_matches_float32(tmp_path):
     """bfloat16 keeps 8 bits of mantissa (a rounding error of up to 0.4% per operation); the logits and
-    the loss are computed in float32 (objectives._token_ce), so every step's loss stays within 1%."""
+    the loss are computed in float32 (lmforge.nn.cross_entropy), so every step's loss stays within 1%."""
     f32, bf16 = _step_losses(tmp_path, "f32"), _step_losses(tmp_path, "bf16", dtype="bfloat16")
     assert len(bf16) == len(f32) == 4
     assert bf16 == pytest.approx(f32, rel=1e-2)
