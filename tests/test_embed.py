@@ -10,7 +10,7 @@ import torch
 import lmforge
 from lmforge.cli import main
 from lmforge.config import ModelConfig
-from lmforge.embed import SemanticIndex, cosine, embed
+from lmforge.embed import SemanticIndex, bf16_copy, cosine, embed
 from lmforge.models.heads import Model
 from lmforge.tasks.retrieval import eval_retrieval, read_retrieval
 from lmforge.tasks.sts import eval_sts, read_sts
@@ -195,6 +195,21 @@ def test_bf16_embeddings_stay_close_to_the_float32_ones(minilm):
     assert half.dtype == torch.float32 and half.shape == full.shape
     assert not torch.equal(half, full)  # the products did run in bfloat16
     assert (half * full).sum(-1).min().item() >= 0.999
+
+
+def test_the_bf16_copy_is_kept_until_the_weights_change():
+    torch.manual_seed(0)
+    model = Model(ModelConfig.preset("bert-tiny", task="embed", vocab_size=40))
+    first = bf16_copy(model)
+    assert bf16_copy(model) is first and first is not model
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model itself is untouched
+    weight = model.backbone.tokens.weight
+    with torch.no_grad():
+        weight.mul_(2)  # trained, or loaded into
+    second = bf16_copy(model)
+    assert second is not first
+    assert torch.equal(second.backbone.tokens.weight, weight.to(torch.bfloat16))
 
 
 def test_auto_dtype_follows_the_measurement(minilm, monkeypatch, tmp_path):
