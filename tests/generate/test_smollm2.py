@@ -102,7 +102,6 @@ def _greedy_choices_agree(model, float_model, tok, near_tie: float = 0.3) -> Non
 
 
 def test_int8_weights_stay_close_and_still_answer(ours):
-    from lmforge.generate import generate
     model, tok = lmforge.load(os.path.join(FOLDER, NAME), int8=True)
     float_model, _ = ours
     # measured 0.093 on the first prompt (0.057 from int8 weights, the rest from bfloat16
@@ -111,11 +110,25 @@ def test_int8_weights_stay_close_and_still_answer(ours):
     assert _answers_paris(model, tok)
     # measured: int8 departs only where the float model's top two are 0.22 logits apart or less
     _greedy_choices_agree(model, float_model, tok)
-    for p in PROMPTS[1:3]:  # and these two generate the very same 16 tokens
-        ids = [tok.encode(p)]
-        want = generate(float_model, ids, max_new_tokens=16, min_new_tokens=16, strategy="greedy")
-        assert generate(model, ids, max_new_tokens=16, min_new_tokens=16, strategy="greedy").tolist() == \
-            want.tolist(), p
+    for p in PROMPTS[1:3]:  # and these two generate the float model's tokens until a near-tie of its own
+        _same_path_until_a_near_tie(model, float_model, tok, p)
+
+
+def _same_path_until_a_near_tie(model, float_model, tok, prompt: str, near_tie: float = 0.3) -> None:
+    """`model`'s 16 greedy tokens are the float model's, or part from them first at a step where the
+    float model's top two logits are less than `near_tie` apart. (Which near-ties flip depends on the
+    kernel: on CPUs with bfloat16 instructions int8 runs torch's kernel with bfloat16 activations;
+    with lmforge's own, int16 activations, both prompts gave the very same 16 tokens.)"""
+    from lmforge.generate import generate
+    ids = tok.encode(prompt)
+    want = generate(float_model, [ids], max_new_tokens=16, min_new_tokens=16, strategy="greedy").tolist()[0]
+    got = generate(model, [ids], max_new_tokens=16, min_new_tokens=16, strategy="greedy").tolist()[0]
+    if got == want:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.no_grad():
+        top2 = float_model(torch.tensor([ids + want]))[0, len(ids) - 1 + first].topk(2).values
+    assert (top2[0] - top2[1]).item() < near_tie, (prompt, first, got, want)
 
 
 def test_int4_weights_are_the_files_blocks_and_still_answer(ours, quant_kernel):

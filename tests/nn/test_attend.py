@@ -1,0 +1,64 @@
+"""`attend`: SDPA, or for bfloat16 training on CPU the explicit products where they measure faster."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmforge.nn.attend as at
+
+
+def _qkv(B=2, H=3, T=10, S=10, D=8, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for n in (T, S, S)]
+
+
+@pytest.mark.parametrize("kind", ["mask", "causal", "none"])
+def test_explicit_products_equal_sdpa(kind):
+    """Forward and gradients against F.scaled_dot_product_attention computed in float32 from the same
+    bfloat16 inputs: within bfloat16 rounding (the scores and outputs are rounded to bfloat16)."""
+    q, k, v = _qkv()
+    mask = None
+    if kind == "mask":  # padding of the last 3 keys of the second sequence
+        mask = torch.zeros(2, 1, 1, 10)
+        mask[1, ..., 7:] = torch.finfo(torch.float32).min
+    causal = kind == "causal"
+    grad = torch.randn(2, 3, 10, 8)
+    y = at._explicit(q, k, v, mask, causal, 0.0, 0.3)
+    y.float().backward(grad)
+    got = [y.float()] + [t.grad.float() for t in (q, k, v)]
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=causal, scale=0.3)
+    want.backward(grad)
+    for a, e in zip(got, [want, q32.grad, k32.grad, v32.grad]):
+        assert ((a - e).abs().max() / e.abs().max()).item() < 3e-2
+
+
+def test_the_path_follows_a_measurement_made_once_per_shape(monkeypatch):
+    calls = []
+    monkeypatch.setattr(at, "_EXPLICIT", {})
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) == 1 else 0.5))
+    q, k, v = _qkv()
+    used = []
+    real = at._explicit
+    monkeypatch.setattr(at, "_explicit", lambda *a: used.append(1) or real(*a))
+    for _ in range(3):
+        at.attend(q, k, v, is_causal=True)
+    assert len(calls) == 2 and len(used) == 3  # measured once (SDPA 1.0 s, explicit 0.5 s: 2x, past 1.5x)
+    at.attend(q, k, v, is_causal=True)
+    assert len(calls) == 2
+    at._EXPLICIT.clear()
+    calls.clear()
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) == 1 else 0.8))
+    used.clear()
+    at.attend(q, k, v, is_causal=True)
+    assert used == []  # 1.25x is within the margin: SDPA
+
+
+def test_float32_inference_and_gqa_stay_on_sdpa(monkeypatch):
+    monkeypatch.setattr(at, "_explicit_pays", lambda *a: pytest.fail("measured where SDPA is the only path"))
+    q, k, v = _qkv(dtype=torch.float32)
+    at.attend(q, k, v)
+    q, k, v = _qkv()
+    with torch.no_grad():
+        at.attend(q, k, v)
+    at.attend(q, k[:, :1], v[:, :1], gqa=True)
