@@ -28,14 +28,22 @@ ALIASES = {"llm": "chat"}
 PACKAGES = ["lmforge", "torch", "transformers", "sentence-transformers", "ctranslate2", "llama_cpp_python", "numpy", "httpx"]
 
 
+# the instruction sets the speed paths depend on: "AMD EPYC" alone names Zen 2 to Zen 5 VMs alike
+ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def machine() -> dict:
-    cpu = "unknown"
+    cpu, isa, family = "unknown", [], {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            first = f.read().split("\n\n")[0].splitlines()  # the first processor's block
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
+        cpu = info.get("model name", cpu)
+        isa = [x for x in ISA if x in info.get("flags", "").split()]
+        family = {"family": info.get("cpu family"), "model": info.get("model")}
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "isa": isa, **family, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "loadavg_start": list(os.getloadavg())}
 
 

@@ -23,7 +23,8 @@ def _header(results: dict) -> list[str]:
     m, s = results["machine"], results["settings"]
     libs = ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v)
     load = m.get("loadavg_start")
-    lines = [f"{results['date']} · {m['cpu']} · {m['cores']} cores, {s['threads']} threads per contender · "
+    isa = f" ({', '.join(m['isa']) or 'no AVX2'}; family {m.get('family')}, model {m.get('model')})" if "isa" in m else ""
+    lines = [f"{results['date']} · {m['cpu']}{isa} · {m['cores']} cores, {s['threads']} threads per contender · "
              f"load average at start {_num(load[0], '.2f') if load else '?'}",
              f"{s['repeats']} repeats after {s['warmup']} warm-up, {s['pause']:g} s pause between contenders"
              + (" · --quick: fewer repeats than the 5 a published figure needs" if s["quick"] else "")
