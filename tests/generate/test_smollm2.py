@@ -117,8 +117,9 @@ def test_int8_weights_stay_close_and_still_answer(ours):
 def _same_path_until_a_near_tie(model, float_model, tok, prompt: str, near_tie: float = 0.3) -> None:
     """`model`'s 16 greedy tokens are the float model's, or part from them first at a step where the
     float model's top two logits are less than `near_tie` apart. (Which near-ties flip depends on the
-    kernel: on CPUs with bfloat16 instructions int8 runs torch's kernel with bfloat16 activations;
-    with lmforge's own, int16 activations, both prompts gave the very same 16 tokens.)"""
+    CPU's kernels and their rounding: on a 2-core AVX2 EPYC both prompts gave the very same 16
+    tokens; on a Zen 4 EPYC (AVX-512) "Once upon a time" parted at a step where the float model's top
+    two were 0.1 apart.)"""
     from lmforge.generate import generate
     ids = tok.encode(prompt)
     want = generate(float_model, [ids], max_new_tokens=16, min_new_tokens=16, strategy="greedy").tolist()[0]
