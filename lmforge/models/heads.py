@@ -65,7 +65,7 @@ class MLMHead(nn.Module):
 
 
 def _vocab(x, w, b, targets, label_smoothing):
-    return fast_linear(x, w, b) if targets is None else token_loss(x, w, b, targets, label_smoothing, fast_linear)
+    return fast_linear(x, w, b) if targets is None else token_loss(x, w, b, targets, label_smoothing)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:

@@ -10,9 +10,10 @@ products with a float32 softmax between them. For 8 × 6 × 256 with a causal ma
 kernel was the faster. So the choice is measured here, once per process and shape
 (`best_time`), and the explicit products are taken only when they are at least `MARGIN` times
 as fast: a margin that noise does not cross, so a training run resumed in a new process on
-the same machine takes the same path (and gives the same weights, bit for bit). Only where a
-gradient is wanted, for bfloat16 on CPU without GQA and with at most `MAX_SCORES` scores (the
-explicit path keeps the (B, H, T, S) scores and probabilities for its backward).
+the same machine takes the same path (and gives the same weights, bit for bit); lengths are
+measured by power-of-two bucket. Only where a gradient is wanted, for bfloat16 on CPU without
+GQA and with at most `MAX_SCORES` scores (the explicit path keeps the (B, H, T, S) scores and
+probabilities for its backward).
 """
 
 from __future__ import annotations
@@ -59,12 +60,19 @@ def _explicit(q, k, v, mask, causal, dropout_p, scale):
 
 
 def _explicit_pays(q, k, v, mask, causal) -> bool:
-    key = (tuple(q.shape), tuple(k.shape), None if mask is None else (tuple(mask.shape), mask.dtype), causal)
+    """Measured on the shapes with T and S rounded up to a power of two, so batches padded to
+    their longest sequence (fine-tuning) cost a measurement per length bucket, not per length."""
+    (B, H, T, D), (KV, S) = q.shape, k.shape[1:3]
+    T, S = 1 << (T - 1).bit_length(), 1 << (S - 1).bit_length()
+    m_shape = None if mask is None else tuple(1 if d == 1 else full for d, full in zip(mask.shape, (B, H, T, S)))
+    key = (B, H, KV, T, S, D, v.shape[-1], q.dtype, m_shape, None if mask is None else mask.dtype, causal)
     if key not in _EXPLICIT:
         with torch.enable_grad():
-            qs, ks, vs = (torch.randn(t.shape, dtype=t.dtype).requires_grad_() for t in (q, k, v))
-            m = None if mask is None else torch.zeros(mask.shape, dtype=mask.dtype)
-            grad = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=v.dtype)
+            qs = torch.randn(B, H, T, D, dtype=q.dtype).requires_grad_()
+            ks = torch.randn(B, KV, S, D, dtype=k.dtype).requires_grad_()
+            vs = torch.randn(B, KV, S, v.shape[-1], dtype=v.dtype).requires_grad_()
+            m = None if mask is None else torch.zeros(m_shape, dtype=mask.dtype)
+            grad = torch.randn(B, H, T, v.shape[-1], dtype=v.dtype)
 
             def run(explicit: bool):
                 y = _explicit(qs, ks, vs, m, causal, 0.0, None) if explicit else \

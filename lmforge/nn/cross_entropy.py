@@ -22,26 +22,27 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.noising import IGNORE_INDEX
+from lmforge.nn.linear import fast_linear
 
 FUSED = os.environ.get("LMFORGE_FUSED_CE", "1") != "0"
 CHUNK_ROWS = 256  # rows of logits at a time: 8 MB in float32 at a vocabulary of 8,192
 
 
 def token_loss(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor,
-               label_smoothing: float = 0.0, product=F.linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of logits = product(x, w, b) over the targets != -100.
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits = x W^T + b over the targets != -100.
 
     x (..., d), w (V, d), b (V,) or None, targets (...) of ints. Returns (loss, nll, acc): `loss`
     is what is optimised (label-smoothed when asked), `nll` the plain cross-entropy and `acc` the
     share of targets that are the argmax, both detached. The logits and the loss are float32,
-    also under bf16 autocast. `product` makes the logits on the unfused path (no gradient, or
-    under torch.compile, which fuses its own)."""
+    also under bf16 autocast. The unfused path (no gradient, or under torch.compile, which fuses
+    its own) makes the logits with `fast_linear`."""
     x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if FUSED and wants_grad and not torch.compiler.is_compiling() and w.dtype == torch.float32:
         loss, nll, correct, n = LinearCrossEntropy.apply(x, w, b, targets, float(label_smoothing))
         return loss, nll, correct / n
-    logits = product(x, w, b).float()  # (N, V)
+    logits = fast_linear(x, w, b).float()  # (N, V)
     nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     loss = nll if not label_smoothing else F.cross_entropy(
         logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)

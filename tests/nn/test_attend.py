@@ -62,3 +62,14 @@ def test_float32_inference_and_gqa_stay_on_sdpa(monkeypatch):
     with torch.no_grad():
         at.attend(q, k, v)
     at.attend(q, k[:, :1], v[:, :1], gqa=True)
+
+
+def test_lengths_in_one_power_of_two_bucket_share_a_measurement(monkeypatch):
+    calls = []
+    monkeypatch.setattr(at, "_EXPLICIT", {})
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or 1.0)
+    for n in (10, 12, 16):  # one bucket: 16
+        at.attend(*_qkv(T=n, S=n), is_causal=True)
+    assert len(calls) == 2  # SDPA and the explicit products, timed once
+    at.attend(*_qkv(T=20, S=20), is_causal=True)
+    assert len(calls) == 4
