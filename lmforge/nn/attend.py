@@ -5,15 +5,16 @@ products where they measure faster.
 
 On CPU, SDPA's flash kernel runs its backward in bfloat16 at a fraction of the matrix
 instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), batch 16 × 6
-heads × 128 tokens × 64, forward + backward took 22.5 ms against 9.6 ms for two batched
-products with a float32 softmax between them. For 8 × 6 × 256 with a causal mask the flash
-kernel was the faster. So the choice is measured here, once per process and shape
+heads × 128 tokens × 64, forward + backward took 22–23 ms against 6.5–8 ms for the explicit
+products below; with a causal mask, 8 × 6 × 256, 22–25 ms against 11–14 ms. Whether that
+holds depends on the CPU (without AVX512-BF16, bfloat16 products are slow). So the choice is
+measured here, once per process and shape
 (`best_time`), and the explicit products are taken only when they are at least `MARGIN` times
 as fast: a margin that noise does not cross, so a training run resumed in a new process on
 the same machine takes the same path (and gives the same weights, bit for bit); lengths are
 measured by power-of-two bucket. Only where a gradient is wanted, for bfloat16 on CPU without
 GQA and with at most `MAX_SCORES` scores (the explicit path keeps the (B, H, T, S) scores and
-probabilities for its backward).
+probabilities for its backward, in bfloat16).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from lmforge.nn.measure import best_time
 
 MARGIN = 1.5
+REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the first few slow
 MAX_SCORES = 1 << 23  # B·H·T·S: 32 MB of float32 scores
 _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal -> whether the explicit products pay
 
@@ -46,17 +48,33 @@ def _may_be_explicit(q, k, gqa) -> bool:
 
 
 def _explicit(q, k, v, mask, causal, dropout_p, scale):
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if mask is not None:
-        s = s + mask
-    if causal:
-        T, S = q.shape[-2], k.shape[-2]
-        above = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)  # top-left, as SDPA's is_causal
-        s = s.masked_fill(above, float("-inf"))
+    """The scale goes on q (T·hd products, not T·S); the scores, mask and probabilities stay in
+    q's dtype, bf16 softmax computing in float32 inside and rounding once. Every elementwise
+    pass over the (B, H, T, S) scores costs about as much as a product here, so masks are added
+    (an addition's backward passes the gradient through untouched). Causal: the first half of
+    the queries takes only the first half of the keys, which skips a quarter of the work (more
+    pieces measured slower)."""
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if not causal:
+        s = torch.matmul(q, k.transpose(-1, -2))
+        return _probs_times(s if mask is None else s.add_(mask.to(s.dtype)), v, dropout_p)
+    T, S = q.shape[-2], k.shape[-2]
+    above = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)  # top-left, as SDPA's is_causal
+    bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(above, float("-inf"))
+    cuts = (0, T // 2, T) if T >= 64 else (0, T)
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        keys = min(b, S)  # query i sees keys 0..i
+        s = torch.matmul(q[..., a:b, :], k[..., :keys, :].transpose(-1, -2))
+        parts.append(_probs_times(s.add_(bias[a:b, :keys]), v[..., :keys, :], dropout_p))
+    return torch.cat(parts, -2) if len(parts) > 1 else parts[0]
+
+
+def _probs_times(s, v, dropout_p):
     p = s.softmax(-1)
     if dropout_p:
         p = F.dropout(p, dropout_p)
-    return torch.matmul(p.to(v.dtype), v)
+    return torch.matmul(p, v)
 
 
 def _explicit_pays(q, k, v, mask, causal) -> bool:
@@ -78,6 +96,6 @@ def _explicit_pays(q, k, v, mask, causal) -> bool:
                 y = _explicit(qs, ks, vs, m, causal, 0.0, None) if explicit else \
                     F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, is_causal=causal)
                 y.backward(grad)
-            fused = best_time(lambda: run(False), 3)
-            _EXPLICIT[key] = best_time(lambda: run(True), 3) * MARGIN <= fused
+            fused = best_time(lambda: run(False), REPEATS)
+            _EXPLICIT[key] = best_time(lambda: run(True), REPEATS) * MARGIN <= fused
     return _EXPLICIT[key]

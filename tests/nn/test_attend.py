@@ -12,17 +12,19 @@ def _qkv(B=2, H=3, T=10, S=10, D=8, dtype=torch.bfloat16):
     return [torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for n in (T, S, S)]
 
 
-@pytest.mark.parametrize("kind", ["mask", "causal", "none"])
-def test_explicit_products_equal_sdpa(kind):
+@pytest.mark.parametrize("kind,T,S", [("mask", 10, 10), ("causal", 10, 10), ("none", 10, 10),
+                                      ("causal", 70, 70), ("causal", 70, 90), ("causal", 90, 70)])
+def test_explicit_products_equal_sdpa(kind, T, S):
     """Forward and gradients against F.scaled_dot_product_attention computed in float32 from the same
-    bfloat16 inputs: within bfloat16 rounding (the scores and outputs are rounded to bfloat16)."""
-    q, k, v = _qkv()
+    bfloat16 inputs: within bfloat16 rounding (the scores and outputs are rounded to bfloat16).
+    From 64 queries on, the causal products come in two halves of the queries."""
+    q, k, v = _qkv(T=T, S=S)
     mask = None
     if kind == "mask":  # padding of the last 3 keys of the second sequence
         mask = torch.zeros(2, 1, 1, 10)
         mask[1, ..., 7:] = torch.finfo(torch.float32).min
     causal = kind == "causal"
-    grad = torch.randn(2, 3, 10, 8)
+    grad = torch.randn(2, 3, T, 8)
     y = at._explicit(q, k, v, mask, causal, 0.0, 0.3)
     y.float().backward(grad)
     got = [y.float()] + [t.grad.float() for t in (q, k, v)]
