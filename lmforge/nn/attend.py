@@ -54,7 +54,8 @@ def _explicit(q, k, v, mask, causal, dropout_p, scale):
     (an addition's backward passes the gradient through untouched). Causal: the first half of
     the queries takes only the first half of the keys, which skips a quarter of the work (more
     pieces measured slower)."""
-    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q * scale if scale != 1.0 else q  # (T5 does not scale)
     if not causal:
         s = torch.matmul(q, k.transpose(-1, -2))
         return _probs_times(s if mask is None else s.add_(mask.to(s.dtype)), v, dropout_p)
