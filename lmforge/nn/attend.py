@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.measure import best_time
+from lmforge.nn.measure import best_time, probe
 
 MARGIN = 1.5
 REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the first few slow
@@ -87,11 +87,11 @@ def _explicit_pays(q, k, v, mask, causal) -> bool:
     key = (B, H, KV, T, S, D, v.shape[-1], q.dtype, m_shape, None if mask is None else mask.dtype, causal)
     if key not in _EXPLICIT:
         with torch.enable_grad():
-            qs = torch.randn(B, H, T, D, dtype=q.dtype).requires_grad_()
-            ks = torch.randn(B, KV, S, D, dtype=k.dtype).requires_grad_()
-            vs = torch.randn(B, KV, S, v.shape[-1], dtype=v.dtype).requires_grad_()
+            qs = probe(B, H, T, D, dtype=q.dtype).requires_grad_()
+            ks = probe(B, KV, S, D, dtype=k.dtype).requires_grad_()
+            vs = probe(B, KV, S, v.shape[-1], dtype=v.dtype).requires_grad_()
             m = None if mask is None else torch.zeros(m_shape, dtype=mask.dtype)
-            grad = torch.randn(B, H, T, v.shape[-1], dtype=v.dtype)
+            grad = probe(B, H, T, v.shape[-1], dtype=v.dtype)
 
             def run(explicit: bool):
                 y = _explicit(qs, ks, vs, m, causal, 0.0, None) if explicit else \

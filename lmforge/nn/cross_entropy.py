@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.noising import IGNORE_INDEX
-from lmforge.nn.linear import fast_linear
+from lmforge.nn.linear import _cpu_fp32, _dnn, fast_linear, onednn_trains
 
 FUSED = os.environ.get("LMFORGE_FUSED_CE", "1") != "0"
 CHUNK_ROWS = 256  # rows of logits at a time: 8 MB in float32 at a vocabulary of 8,192
@@ -81,11 +81,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             # below float32, dW takes one product per GROUP_ROWS rows (the chunks' logit gradients
             # kept in the autocast dtype), each summed into float32: fewer, longer products and
             # fewer float32 sums of (V, d) than a product per chunk
-            group = torch.empty(min(GROUP_ROWS, x.shape[0]), V, dtype=dt) if dt != torch.float32 else None
+            rows = min(max(GROUP_ROWS // CHUNK_ROWS, 1) * CHUNK_ROWS, x.shape[0])  # whole chunks
+            group = torch.empty(rows, V, dtype=dt) if dt != torch.float32 else None
             start = 0  # first row of the group
+            # float32 on CPU: oneDNN's forward and dx products where they measure faster (fast_linear)
+            dnn = group is None and _cpu_fp32(xs, ws) and onednn_trains(x.shape[1], V, CHUNK_ROWS)
             for s in range(0, x.shape[0], CHUNK_ROWS):
                 xc, tc, kc = xs[s:s + CHUNK_ROWS], targets[s:s + CHUNK_ROWS], keep[s:s + CHUNK_ROWS]
-                z = (xc @ ws.t() if b is None else torch.addmm(bs, xc, ws.t())).float()  # (c, V) logits
+                z = _dnn(xc, ws, bs) if dnn else xc @ ws.t() if b is None else torch.addmm(bs, xc, ws.t())
+                z = z.float()  # (c, V) logits
                 t = tc.clamp(min=0)[:, None]  # ignored rows read class 0, then count for nothing
                 zt = z.gather(1, t).squeeze(1)
                 zmean = z.mean(-1) if smoothing else None
@@ -106,7 +110,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if b is not None:
                     gb += g.sum(0)
                 if group is None:
-                    torch.mm(g, ws, out=gx[s:s + CHUNK_ROWS])
+                    if dnn:
+                        gx[s:s + CHUNK_ROWS] = _dnn(g, ws.t(), None)
+                    else:
+                        torch.mm(g, ws, out=gx[s:s + CHUNK_ROWS])
                     gw.addmm_(g.t(), xc)
                     continue
                 g = group[s - start:s - start + len(g)].copy_(g)

@@ -1,7 +1,7 @@
 """Linear layers and the GEMM kernels behind them.
 
-    fast_linear   y = x W^T + b: without gradients through oneDNN on CPU in float32; F.linear
-                  (MKL forward and backward) when training and everywhere else
+    fast_linear   y = x W^T + b: on CPU in float32 through oneDNN without gradients, and when
+                  training where oneDNN measures faster (`onednn_trains`); else F.linear
     Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
     RowBlocks     the small weights of one generation laid out for products of a few rows
     TracedBlocks  the same products for a compiled step, laid out by torch.compile's freezing
@@ -11,18 +11,26 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.nn.measure import probe
+
+
 # Inference (no gradients) on CPU in float32 goes through oneDNN; off with LMFORGE_ONEDNN=0.
-# Training does not: on a 2-core AVX2 EPYC oneDNN's products were no faster than MKL's forward
-# and 1.3-2x slower backward (dx and dW need transposed copies of W, dy and x), and choosing
-# per shape by measurement would make a run's bits depend on the timings of its process (a
-# run resumed in a new process must give the weights of an uninterrupted one, bit for bit).
+# Training goes through it only where it measures faster (`onednn_trains`): on a 2-core AVX2
+# EPYC oneDNN's products were no faster than MKL's; on a 2-core Zen 4 EPYC (AVX-512) MKL's
+# sgemm ran at 100-160 GFLOP/s on a GPT-2-like model's shapes and oneDNN's at 185-210 (forward
+# and dx 1.07-1.4x as fast, in the median of alternating runs; dW, a reduction over the rows,
+# as fast with MKL, which keeps it), and whole fp32 training steps 5-12% faster.
 _ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+TRAIN_MARGIN = 1.05  # oneDNN trains a shape when its forward + dx products measure this much faster
+_TRAINS: dict[tuple[int, int, int], bool] = {}  # (d_in, d_out, rows rounded up to a power of 2) -> choice
 
 
 def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -35,11 +43,61 @@ def _cpu_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; through oneDNN on CPU in float32 when no gradient is wanted."""
-    if not _cpu_fp32(x, w) or (torch.is_grad_enabled() and (
-            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))):
-        return F.linear(x, w, b)  # training, autocast and torch.compile see the ordinary op
+    """F.linear; through oneDNN on CPU in float32 without gradients, and with them where
+    `onednn_trains` says so."""
+    if not _cpu_fp32(x, w):
+        return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dim() < 2 or not onednn_trains(w.shape[1], w.shape[0], rows):
+            return F.linear(x, w, b)
+        return DnnLinear.apply(x, w, b)
     return _dnn(x, w, b)
+
+
+def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
+    """Whether oneDNN's forward (x W^T) and input-gradient (dy W) products of this shape run at
+    least `TRAIN_MARGIN` times as fast as MKL's here: the median ratio of `rounds` runs of the
+    two, alternating, measured once per process and shape, with the rows rounded up to a
+    power of two (at most 2,048 measured). The margin keeps noise from flipping the choice
+    between processes, so a resumed run takes the same path (the two libraries sum in
+    different orders: the same values to round-off, not the same bits)."""
+    key = (d_in, d_out, 1 << max(rows - 1, 0).bit_length())
+    if key not in _TRAINS:
+        n = min(key[2], 2048)
+        x, w, dy = probe(n, d_in), probe(d_out, d_in), probe(n, d_out)
+        ratios = []
+        with torch.no_grad():
+            for i in range(rounds + 1):
+                t0 = time.perf_counter()
+                torch.mm(x, w.t()), torch.mm(dy, w)
+                t1 = time.perf_counter()
+                _dnn(x, w, None), _dnn(dy, w.t(), None)
+                if i:  # the first round warms both up
+                    ratios.append((t1 - t0) / (time.perf_counter() - t1))
+        _TRAINS[key] = statistics.median(ratios) >= TRAIN_MARGIN
+    return _TRAINS[key]
+
+
+class DnnLinear(torch.autograd.Function):
+    """x W^T + b with oneDNN's products forward and for dx (dy W, W read transposed in place);
+    dW = dy^T x stays with MKL, which measured as fast or faster for that reduction over rows."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _dnn(x, w, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = _dnn(dy2, w.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 class Linear(nn.Linear):

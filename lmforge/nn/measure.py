@@ -17,6 +17,16 @@ import torch
 _BF16: dict[tuple, bool] = {}  # (device type, d_in, d_out, rows) -> whether bfloat16 pays, measured once
 
 
+def probe(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random inputs for a measurement, drawn from a generator of their own: measuring must not
+    move the global RNG, or a run that measured at its start and one resumed in a new process
+    (which measures again) would draw different dropout masks and samples afterwards."""
+    return torch.randn(*shape, generator=_PROBES).to(dtype=dtype, device=device)
+
+
+_PROBES = torch.Generator().manual_seed(0)
+
+
 def best_time(fn, repeats: int = 5) -> float:
     """The shortest of `repeats` timed runs of fn(), after one untimed run."""
     fn()
@@ -34,7 +44,7 @@ def bf16_pays(d_in: int, d_out: int, rows: int, device: torch.device | str = "cp
     device = torch.device(device)
     key = (device.type, d_in, d_out, rows)
     if key not in _BF16:
-        w, x = torch.randn(d_out, d_in, device=device), torch.randn(rows, d_in, device=device)
+        w, x = probe(d_out, d_in, device=device), probe(rows, d_in, device=device)
 
         def product(bf16: bool):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.nn.linear import Linear, _cpu_fp32
-from lmforge.nn.measure import best_time
+from lmforge.nn.measure import best_time, probe
 
 
 def _packed_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -46,9 +46,9 @@ def packing_pays(d_in: int, d_out: int, rows: int, repeats: int = 5) -> bool:
     one here: the best of `repeats` runs of each, over a few weights too large for the cache."""
     if not packing_enabled():
         return False
-    ws = [torch.randn(d_out, d_in) for _ in range(4)]
+    ws = [probe(d_out, d_in) for _ in range(4)]
     packed = [_pack(w, rows) for w in ws]
-    x = torch.randn(rows, d_in)
+    x = probe(rows, d_in)
     with torch.inference_mode():
         plain = best_time(lambda: [_packed_product(x, w, None) for w in ws], repeats)
         pre = best_time(lambda: [_packed_product(x, p, None) for p in packed], repeats)

@@ -1,0 +1,73 @@
+"""fast_linear in training: oneDNN's products where `onednn_trains` measures them faster, with
+the values and gradients of F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmforge.nn.linear as L
+
+pytestmark = pytest.mark.skipif(not L._ONEDNN, reason="this torch has no oneDNN linear op")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_dnn_linear_equals_f_linear(bias, x_grad):
+    """Forward, dx, dW and db of a (2, 5, 24) input: F.linear's to float32 round-off."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 24, generator=g).requires_grad_(x_grad)
+    w = torch.randn(40, 24, generator=g).requires_grad_()
+    b = torch.randn(40, generator=g).requires_grad_() if bias else None
+    dy = torch.randn(2, 5, 40, generator=g)
+    got = L.DnnLinear.apply(x, w, b)
+    got.backward(dy)
+    grads = [t.grad for t in (x, w, b) if t is not None and t.requires_grad]
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    want = F.linear(x, w, b)
+    want.backward(dy)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, [t.grad for t in (x, w, b) if t is not None and t.requires_grad]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert (x.grad is None) == (not x_grad)
+
+
+@pytest.mark.parametrize("trains", [True, False])
+def test_fast_linear_trains_through_onednn_where_measured(monkeypatch, trains):
+    """With a gradient, fast_linear takes DnnLinear exactly when onednn_trains says so; without
+    one, or under bf16 autocast, never."""
+    monkeypatch.setattr(L, "onednn_trains", lambda *a: trains)
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    y = L.fast_linear(x, w)
+    assert (type(y.grad_fn).__name__ == "DnnLinearBackward") == trains
+    with torch.no_grad():
+        assert L.fast_linear(x, w).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(L.fast_linear(x, w).grad_fn).__name__ != "DnnLinearBackward"
+
+
+def test_onednn_trains_measures_once_per_power_of_two_rows(monkeypatch):
+    """Rows 1,500 and 2,000 share the 2,048 bucket: one measurement; 3,000 is another."""
+    monkeypatch.setattr(L, "_TRAINS", {})
+    calls = []
+    real = L._dnn
+    monkeypatch.setattr(L, "_dnn", lambda *a: calls.append(1) or real(*a))
+    L.onednn_trains(16, 8, 1500)
+    n = len(calls)
+    L.onednn_trains(16, 8, 2000)
+    assert n > 0 and len(calls) == n
+    L.onednn_trains(16, 8, 3000)
+    assert len(calls) == 2 * n
+    assert set(L._TRAINS) == {(16, 8, 2048), (16, 8, 4096)}
+
+
+def test_measuring_leaves_the_global_rng_alone(monkeypatch):
+    """A run resumed in a new process measures again: its dropout masks and samples must not
+    depend on that, so the measurement draws from a generator of its own."""
+    monkeypatch.setattr(L, "_TRAINS", {})
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    L.onednn_trains(16, 8, 32)
+    torch.testing.assert_close(torch.rand(3), want, rtol=0, atol=0)
