@@ -37,7 +37,8 @@ def _header(results: dict) -> list[str]:
                      + "rerun `python -m bench` on idle cores before quoting them.")
     c = results.get("ceilings") or {}
     if c:
-        lines.append(f"ceilings: fp32 matmul {_num(c.get('fp32_gflops'))} GFLOP/s, bf16 matmul "
+        lib = f" ({c['fp32_library']})" if c.get("fp32_library") else ""
+        lines.append(f"ceilings: fp32 matmul {_num(c.get('fp32_gflops'))} GFLOP/s{lib}, bf16 matmul "
                      f"{_num(c.get('bf16_gflops'))} GFLOP/s, memory read {_num(c.get('read_gbs'))} GB/s")
     return lines
 

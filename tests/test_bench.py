@@ -193,3 +193,16 @@ def test_serve_rows_show_time_to_first_token():
     assert ("| serve | SmolLM2-135M-Instruct | 16 streams, 64 new tokens | lmforge | 400.0 tok/s, first token p50 120 ms, "
             "p99 480 ms | 2.00x llama.cpp, 5.00x lmforge at 1 stream | — | 900 |") in block
     assert "first token p50 2,000 ms, p99 5,000 ms" in block and "serve: streaming chat" in report.format_table(results)
+
+
+def test_fp32_ceiling_takes_the_faster_gemm_library():
+    """The fp32 matmul ceiling runs whichever of MKL and oneDNN was faster at setup, names it,
+    and its product is the square product (so its FLOPs are 2 n^3)."""
+    torch = pytest.importorskip("torch")
+    from bench.workers import ceilings
+    run, info = ceilings.matmul("fp32", max_n=256)
+    assert info["shape"] == [256, 256, 256]
+    assert info["library"] in ({"MKL", "oneDNN"} if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {"MKL"})
+    assert run() == 2.0 * 256 ** 3
+    _, info16 = ceilings.matmul("bf16", max_n=256)
+    assert info16["library"] == "torch.mm"  # bf16: torch.mm only (oneDNN inside)
