@@ -49,7 +49,7 @@ def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
         return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.dim() < 2 or not onednn_trains(w.shape[1], w.shape[0], rows):
+        if x.dim() < 2 or rows == 0 or not onednn_trains(w.shape[1], w.shape[0], rows):
             return F.linear(x, w, b)
         return DnnLinear.apply(x, w, b)
     return _dnn(x, w, b)

@@ -11,12 +11,13 @@ pytestmark = pytest.mark.skipif(not L._ONEDNN, reason="this torch has no oneDNN 
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("x_grad", [True, False])
-def test_dnn_linear_equals_f_linear(bias, x_grad):
-    """Forward, dx, dW and db of a (2, 5, 24) input: F.linear's to float32 round-off."""
+@pytest.mark.parametrize("x_grad,w_grad", [(True, True), (False, True), (True, False)])
+def test_dnn_linear_equals_f_linear(bias, x_grad, w_grad):
+    """Forward, dx, dW and db of a (2, 5, 24) input: F.linear's to float32 round-off; a frozen
+    weight (LoRA's base) gets no gradient."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 24, generator=g).requires_grad_(x_grad)
-    w = torch.randn(40, 24, generator=g).requires_grad_()
+    w = torch.randn(40, 24, generator=g).requires_grad_(w_grad)
     b = torch.randn(40, generator=g).requires_grad_() if bias else None
     dy = torch.randn(2, 5, 40, generator=g)
     got = L.DnnLinear.apply(x, w, b)
@@ -30,7 +31,7 @@ def test_dnn_linear_equals_f_linear(bias, x_grad):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, e in zip(grads, [t.grad for t in (x, w, b) if t is not None and t.requires_grad]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    assert (x.grad is None) == (not x_grad)
+    assert (x.grad is None) == (not x_grad) and (w.grad is None) == (not w_grad)
 
 
 @pytest.mark.parametrize("trains", [True, False])
@@ -45,6 +46,8 @@ def test_fast_linear_trains_through_onednn_where_measured(monkeypatch, trains):
         assert L.fast_linear(x, w).grad_fn is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(L.fast_linear(x, w).grad_fn).__name__ != "DnnLinearBackward"
+    empty = L.fast_linear(torch.randn(0, 8, requires_grad=True), w)  # no rows: F.linear
+    assert empty.shape == (0, 4) and type(empty.grad_fn).__name__ != "DnnLinearBackward"
 
 
 def test_onednn_trains_measures_once_per_power_of_two_rows(monkeypatch):
