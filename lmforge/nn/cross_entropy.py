@@ -10,9 +10,9 @@ instead takes the rows in chunks of `CHUNK_ROWS` and computes, for each, the log
 loss and the gradient of the logits in place, then the gradients of x, W and b, all while
 the chunk is in cache; nothing of size (N, V) exists. It does the same three products
 (forward, dx, dW) as autograd would, so it is exact to round-off, and it runs them in the
-autocast dtype under bf16 autocast, as F.linear would; there the logit gradients of
-`GROUP_ROWS` rows are kept (16 MB in bf16) so that dW takes one long product per group, not
-a short one and a float32 sum per chunk. One exp per logit serves both the log-sum-exp and
+autocast dtype under bf16 autocast, as F.linear would; there the logit gradients of several
+chunks are kept (`GROUP_BYTES`, 16 MB) so that dW takes one long product per group, not a
+short one and a float32 sum per chunk. One exp per logit serves both the log-sum-exp and
 the softmax, and accuracy compares the target's logit with the row's `amax` (max with
 indices costs ten times as much on CPU). The backward only scales the gradients it kept. Off with LMFORGE_FUSED_CE=0 (for A/B measurements).
 """
@@ -29,7 +29,7 @@ from lmforge.nn.linear import _cpu_fp32, _dnn, fast_linear, onednn_trains
 
 FUSED = os.environ.get("LMFORGE_FUSED_CE", "1") != "0"
 CHUNK_ROWS = 256  # rows of logits at a time: 8 MB in float32 at a vocabulary of 8,192
-GROUP_ROWS = 1024  # below float32: rows of logit gradients kept for one product into dW
+GROUP_BYTES = 16 << 20  # below float32, logit gradients kept for one dW product: 1,024 rows at V = 8,192
 
 
 def token_loss(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor,
@@ -78,11 +78,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             smooth = x.new_zeros((), dtype=torch.float32)
             correct = x.new_zeros((), dtype=torch.long)
             V = w.shape[0]
-            # below float32, dW takes one product per GROUP_ROWS rows (the chunks' logit gradients
-            # kept in the autocast dtype), each summed into float32: fewer, longer products and
-            # fewer float32 sums of (V, d) than a product per chunk
-            rows = min(max(GROUP_ROWS // CHUNK_ROWS, 1) * CHUNK_ROWS, x.shape[0])  # whole chunks
-            group = torch.empty(rows, V, dtype=dt) if dt != torch.float32 else None
+            # below float32, dW takes one product per group of chunks, their logit gradients kept
+            # in the autocast dtype (at most GROUP_BYTES, whole chunks): fewer, longer products
+            # and fewer float32 sums of (V, d) than one of each per chunk (in float32, where the
+            # product sums in place, grouping measured no faster)
+            per_chunk = CHUNK_ROWS * V * xs.element_size()
+            group = None if dt == torch.float32 else torch.empty(
+                min(max(GROUP_BYTES // per_chunk, 1) * CHUNK_ROWS, x.shape[0]), V, dtype=dt, device=x.device)
             start = 0  # first row of the group
             # float32 on CPU: oneDNN's forward and dx products where they measure faster (fast_linear)
             dnn = group is None and _cpu_fp32(xs, ws) and onednn_trains(x.shape[1], V, CHUNK_ROWS)
@@ -119,7 +121,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = group[s - start:s - start + len(g)].copy_(g)
                 torch.mm(g, ws, out=gx[s:s + CHUNK_ROWS])
                 end = s + len(g)
-                if end - start == len(group) or end == x.shape[0]:
+                if end - start == len(group) or end == x.shape[0]:  # the product in bf16, summed in float32
                     gw += (group[:end - start].t() @ xs[start:end]).float()
                     start = end
             nll = nll * inv_n

@@ -53,12 +53,14 @@ def test_fused_equals_linear_then_cross_entropy(monkeypatch, bias, smoothing, on
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_under_bf16_autocast_is_near_float32(monkeypatch):
+@pytest.mark.parametrize("group_bytes", [50_000, 1])
+def test_fused_under_bf16_autocast_is_near_float32(monkeypatch, group_bytes):
     """Under bf16 autocast the products run in bf16 (as F.linear's would), the softmax in float32:
     the loss within 1e-3 and the gradients within 2% of float32's, no further than autocast's own.
-    Groups of 128 rows for dW: two full ones and a short one."""
+    dW in groups of 256 rows (a full one and a short one), or, where one chunk is already more
+    than GROUP_BYTES (a large vocabulary), of one chunk."""
     monkeypatch.setattr(ce, "CHUNK_ROWS", 64)
-    monkeypatch.setattr(ce, "GROUP_ROWS", 150)  # rounded down to whole chunks: 128
+    monkeypatch.setattr(ce, "GROUP_BYTES", group_bytes)  # 50,000: whole chunks, 256 rows of bf16, then 44
     x, w, b, t = _case()
     ref = _run(x, w, b, t, 0.1, False)
     fused, plain = _run(x, w, b, t, 0.1, True, bf16=True), _run(x, w, b, t, 0.1, False, bf16=True)
