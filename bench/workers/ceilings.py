@@ -7,6 +7,7 @@ import time
 import torch
 
 from bench.workers.serve import serve, threads
+from lmforge.nn.measure import best_time
 
 
 def matmul(dtype: str, max_n: int = 2048, min_seconds: float = 0.05):
@@ -32,23 +33,13 @@ def matmul(dtype: str, max_n: int = 2048, min_seconds: float = 0.05):
     if dtype == "fp32" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         bt = b.t().contiguous()  # the linear op takes W (out, in): a W^T = a b
         products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
-    library = min(products, key=lambda name: _best_of(products[name], 5))
+    library = min(products, key=lambda name: best_time(products[name], 5))
     product = products[library]
 
     def run():
         product()
         return 2.0 * n ** 3
     return run, {"shape": [n, n, n], "dtype": dtype, "library": library}
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bandwidth(mib: int = 512):
