@@ -59,12 +59,14 @@ def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
     """Whether oneDNN's forward (x W^T) and input-gradient (dy W) products of this shape run at
     least `TRAIN_MARGIN` times as fast as MKL's here: the median ratio of `rounds` runs of the
     two, alternating, measured once per process and shape, with the rows rounded up to a
-    power of two (at most 2,048 measured). The margin keeps noise from flipping the choice
+    power of two (at most 2,048 measured, fewer for a large layer). The margin keeps noise from flipping the choice
     between processes, so a resumed run takes the same path (the two libraries sum in
     different orders: the same values to round-off, not the same bits)."""
     key = (d_in, d_out, 1 << max(rows - 1, 0).bit_length())
     if key not in _TRAINS:
         n = min(key[2], 2048)
+        while n > 256 and n * d_in * d_out > 1 << 31:  # a large layer: fewer rows, a second or two at most
+            n //= 2
         x, w, dy = probe(n, d_in), probe(d_out, d_in), probe(n, d_out)
         ratios = []
         with torch.no_grad():
