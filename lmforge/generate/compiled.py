@@ -27,6 +27,7 @@ import torch.nn as nn
 from lmforge.models.int4 import concat_ok
 from lmforge.nn.attention import StaticKV
 from lmforge.nn.linear import TracedBlocks
+from lmforge.nn.measure import bucket
 
 MIN_LENGTH = 64
 
@@ -42,7 +43,7 @@ def bucket_length(n: int, context: int) -> int:
     `MIN_LENGTH` on, at most the model's context (n itself when that is less). A chat whose
     history grows compiles a few times (64, 128, 256, ...), not once per turn; attention reads
     at most twice the columns it needs."""
-    return max(n, min(context, max(MIN_LENGTH, 1 << (n - 1).bit_length())))
+    return max(n, min(context, max(MIN_LENGTH, bucket(n))))
 
 
 def _make_step(model: nn.Module, blocked: bool):

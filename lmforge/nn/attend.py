@@ -8,11 +8,10 @@ instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), b
 heads × 128 tokens × 64, forward + backward took 22–23 ms against 6.5–8 ms for the explicit
 products below; with a causal mask, 8 × 6 × 256, 22–25 ms against 11–14 ms. Whether that
 holds depends on the CPU (without AVX512-BF16, bfloat16 products are slow). So the choice is
-measured here, once per process and shape
-(`best_time`), and the explicit products are taken only when they are at least `MARGIN` times
-as fast: a margin that noise does not cross, so a training run resumed in a new process on
-the same machine takes the same path (and gives the same weights, bit for bit); lengths are
-measured by power-of-two bucket. Only where a gradient is wanted, for bfloat16 on CPU without
+measured here, once per process and shape (`best_time`), and the explicit products are taken
+only when they are at least `MARGIN` times as fast: a margin that noise does not cross, so a
+training run resumed in a new process on the same machine takes the same path (and gives the
+same weights, bit for bit); lengths are measured by power-of-two `bucket`. Only where a gradient is wanted, for bfloat16 on CPU without
 GQA and with at most `MAX_SCORES` scores (the explicit path keeps the (B, H, T, S) scores and
 probabilities for its backward, in bfloat16).
 """
@@ -22,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.measure import best_time, probe
+from lmforge.nn.measure import best_time, bucket, probe
 
 MARGIN = 1.5
 REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the first few slow
@@ -82,7 +81,7 @@ def _explicit_pays(q, k, v, mask, causal) -> bool:
     """Measured on the shapes with T and S rounded up to a power of two, so batches padded to
     their longest sequence (fine-tuning) cost a measurement per length bucket, not per length."""
     (B, H, T, D), (KV, S) = q.shape, k.shape[1:3]
-    T, S = 1 << (T - 1).bit_length(), 1 << (S - 1).bit_length()
+    T, S = bucket(T), bucket(S)
     m_shape = None if mask is None else tuple(1 if d == 1 else full for d, full in zip(mask.shape, (B, H, T, S)))
     key = (B, H, KV, T, S, D, v.shape[-1], q.dtype, m_shape, None if mask is None else mask.dtype, causal)
     if key not in _EXPLICIT:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.nn.measure import probe
+from lmforge.nn.measure import bucket, probe
 
 
 # Inference (no gradients) on CPU in float32 goes through oneDNN; off with LMFORGE_ONEDNN=0.
@@ -62,7 +62,7 @@ def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
     power of two (at most 2,048 measured, fewer for a large layer). The margin keeps noise from flipping the choice
     between processes, so a resumed run takes the same path (the two libraries sum in
     different orders: the same values to round-off, not the same bits)."""
-    key = (d_in, d_out, 1 << max(rows - 1, 0).bit_length())
+    key = (d_in, d_out, bucket(rows))
     if key not in _TRAINS:
         n = min(key[2], 2048)
         while n > 256 and n * d_in * d_out > 1 << 31:  # a large layer: fewer rows, a second or two at most

@@ -27,6 +27,12 @@ def probe(*shape: int, dtype: torch.dtype = torch.float32, device: torch.device 
 _PROBES = torch.Generator().manual_seed(0)
 
 
+def bucket(n: int) -> int:
+    """n rounded up to a power of two (1 for n <= 1): the sizes a measurement is keyed on, so
+    that batches of nearby lengths share one measurement."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def best_time(fn, repeats: int = 5) -> float:
     """The shortest of `repeats` timed runs of fn(), after one untimed run."""
     fn()
