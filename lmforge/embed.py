@@ -110,10 +110,8 @@ def bf16_copy(model: Model) -> Model:
 
 
 def _hidden(model: Model, ids, mask):
-    if model.cfg.family == "encoder-decoder":
-        return model.backbone.encode(ids, mask)
-    if model.cfg.family == "encoder":
-        return model.backbone.encode(ids, mask)
+    if model.cfg.family in ("encoder", "encoder-decoder"):  # the layers skip the padding (pooling ignores it)
+        return model.backbone.encode(ids, mask, unpad=True)
     return model.backbone.decode(ids, attention_mask=mask)
 
 

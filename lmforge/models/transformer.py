@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import ModelConfig
-from lmforge.nn.attention import Attention, KVCache, StaticKV, additive_mask
+from lmforge.nn.attention import Attention, KVCache, StaticKV, Unpadded, additive_mask
 from lmforge.nn.layers import FeedForward, RelativeBias, Rotary, make_norm, sinusoidal_table
 from lmforge.nn.linear import Linear
 
@@ -44,10 +44,10 @@ class Block(nn.Module):
         return norm(x + drop(f(x)))
 
     def forward(self, x, mask=None, is_causal=False, rope=None, memory=None, memory_mask=None,
-                cache: KVCache | None = None, layer: int = 0):
+                cache: KVCache | None = None, layer: int = 0, unpadded: Unpadded | None = None):
         x = self._residual(x, self.attn_norm,
                            lambda h: self.attn(h, mask=mask, is_causal=is_causal, rope=rope,
-                                               cache=cache, layer=layer))
+                                               cache=cache, layer=layer, unpadded=unpadded))
         if self.cross is not None:
             x = self._residual(x, self.cross_norm,
                                lambda h: self.cross(h, memory=memory, mask=memory_mask,
@@ -87,13 +87,15 @@ class Stack(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, unpad: bool = False) -> torch.Tensor:
         """x (B, T, d) token embeddings → hidden states (B, T, d).
 
         attention_mask (B, T_total) marks real tokens (1) and padding (0); with a cache
         T_total covers the cached positions too. position_ids (B, T) default to
         offset + arange(T) where offset is the number of cached positions. A `StaticKV` cache
         (a compiled step) needs both: the mask over all its columns, and the positions.
+        unpad: the layers run on the real tokens only (`Unpadded`; self-attention stacks
+        without a cache), and padding positions come out as zeros.
         """
         B, T, _ = x.shape
         static = isinstance(cache, StaticKV)  # a compiled step: positions and mask given, all columns seen
@@ -143,12 +145,17 @@ class Stack(nn.Module):
             mem_mask = additive_mask(T, memory.shape[1], causal=False, key_padding=memory_mask,
                                      dtype=x.dtype, device=x.device)
         rope = self.rope(position_ids) if self.rope is not None else None
+        unpadded = None
+        if unpad and attention_mask is not None and memory is None and cache is None:
+            unpadded = Unpadded(attention_mask)
+            x = unpadded.pack(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, is_causal=simple_causal, rope=rope, memory=memory,
-                      memory_mask=mem_mask, cache=cache, layer=i)
+                      memory_mask=mem_mask, cache=cache, layer=i, unpadded=unpadded)
         if cache is not None and not static:
             cache.pos += T
-        return self.norm(x) if self.norm is not None else x
+        x = self.norm(x) if self.norm is not None else x
+        return unpadded.unpack(x) if unpadded is not None else x
 
 
 class Transformer(nn.Module):
@@ -165,10 +172,11 @@ class Transformer(nn.Module):
         self.pooler = Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) ids → memory (B, S, d)."""
+               token_type_ids: torch.Tensor | None = None, unpad: bool = False) -> torch.Tensor:
+        """(B, S) ids → memory (B, S, d). unpad: the layers skip the padding (`Stack.forward`),
+        whose positions come out as zeros."""
         return self.encoder(self.tokens(input_ids), attention_mask=attention_mask,
-                            token_type_ids=token_type_ids)
+                            token_type_ids=token_type_ids, unpad=unpad)
 
     def decode(self, input_ids: torch.Tensor, memory: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

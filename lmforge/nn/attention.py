@@ -235,6 +235,27 @@ class SlotCache:
         return kv[0, rows, :, :end], kv[1, rows, :, :end]
 
 
+class Unpadded:
+    """The real tokens of a padded batch, packed into rows: the position-wise layers (linear
+    maps, norms, the feed-forward block) run on those N rows only, attention on the padded
+    (B, T) layout, `unpack`ed to it and `pack`ed back in each layer. Sentence embeddings
+    sorted by length still pad about a fifth of their tokens (600 STS-B sentences in batches
+    of 32); this skips that work."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = tuple(attention_mask.shape)  # (B, T)
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # rows of (B*T, ...) that are real
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) → (N, ...), the real tokens in order."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) → (B, T, ...), zeros at the padding."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:])
+        return out.index_copy_(0, self.index, x).view(*self.shape, *x.shape[1:])
+
+
 class QKV(nn.Module):
     """The query, key and value projections `q`, `k`, `v` (their state-dict names), computed
     as one stacked product [W_q; W_k; W_v] when a generation's RowBlocks hold them."""
@@ -276,9 +297,20 @@ class Attention(QKV):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, unpadded: Unpadded | None = None) -> torch.Tensor:
         """x (B, T, d); memory (B, S, d) for cross-attention; mask additive, broadcastable
-        to (B, H, T, S_k). Returns (B, T, d)."""
+        to (B, H, T, S_k). Returns (B, T, d). With `unpadded` (self-attention without a cache),
+        x and the result are the (N, d) real tokens instead."""
+        if unpadded is not None:
+            if self.cross or cache is not None:
+                raise ValueError("unpadded rows are for self-attention without a KV cache")
+            q, k, v = (unpadded.unpack(t) for t in self.project(x))
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            y = attend(q, k, v, mask, is_causal, dropout_p=self.dropout if self.training else 0.0,
+                       scale=self.scale, gqa=self.n_kv != self.n_heads)
+            return self.o(unpadded.pack(y.transpose(1, 2)).flatten(1))
         B, T, _ = x.shape
         if rope is not None and self.cross:
             raise ValueError("rotary positions do not apply to cross-attention")

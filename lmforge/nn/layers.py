@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.nn.linear import Linear, RowBlocks, linear
+from lmforge.nn.linear import Linear, RowBlocks, fused_linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -58,10 +58,12 @@ def activation(name: str):
 
 class FeedForward(nn.Module):
     """FFN(x) = W_down act(W_up x)  or, gated (GLU variants, Shazeer 2020),
-    W_down (act(W_gate x) * W_up x)."""
+    W_down (act(W_gate x) * W_up x). Without gradients, a plain FFN's W_up product and its
+    activation run as one oneDNN product where they can (`fused_linear`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act_name = cfg.activation
         self.act = activation(cfg.activation)
         self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
@@ -75,8 +77,12 @@ class FeedForward(nn.Module):
             if y is not None:
                 gate, up = y.chunk(2, dim=-1)
                 return linear(self.down, self.act(gate) * up, blocks)
-        up = linear(self.up, x, blocks)
-        h = self.act(linear(self.gate, x, blocks)) * up if self.gate is not None else self.act(up)
+        h = None
+        if self.gate is None and blocks is None and type(self.up) is Linear:
+            h = fused_linear(x, self.up.weight, self.up.bias, self.act_name, self.act)
+        if h is None:
+            up = linear(self.up, x, blocks)
+            h = self.act(linear(self.gate, x, blocks)) * up if self.gate is not None else self.act(up)
         return linear(self.down, self.drop(h) if self.training else h, blocks)
 
 

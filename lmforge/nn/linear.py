@@ -2,6 +2,8 @@
 
     fast_linear   y = x W^T + b: on CPU in float32 through oneDNN without gradients, and when
                   training where oneDNN measures faster (`onednn_trains`); else F.linear
+    fused_linear  act(x W^T + b) as one oneDNN product with the activation fused, without
+                  gradients (float32; bfloat16 where it measures faster: `onednn_fuses`)
     Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
     RowBlocks     the small weights of one generation laid out for products of a few rows
     TracedBlocks  the same products for a compiled step, laid out by torch.compile's freezing
@@ -29,17 +31,37 @@ from lmforge.nn.measure import bucket, probe
 # as fast with MKL, which keeps it), and whole fp32 training steps 5-12% faster.
 _ONEDNN = (os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-TRAIN_MARGIN = 1.05  # oneDNN trains a shape when its forward + dx products measure this much faster
-_TRAINS: dict[tuple[int, int, int], bool] = {}  # (d_in, d_out, rows rounded up to a power of 2) -> choice
+TRAIN_MARGIN = 1.05  # oneDNN takes a shape when its products measure this much faster
+_TRAINS: dict[tuple, bool] = {}  # (d_in, d_out, rows rounded up to a power of 2[, dtype]) -> choice
+FUSE_MARGIN = 1.0  # inference only: no run to resume, and the two paths differ by round-off alone
+# activations oneDNN applies inside its product (post-ops): name -> (attr, algorithm)
+POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
-def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str = "none",
+         algorithm: str = "") -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, act, [], algorithm)
 
 
 def _cpu_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str, fn) -> torch.Tensor | None:
+    """fn(x W^T + b), fn the activation named `act`, as one oneDNN product with the activation
+    applied inside it (`POST_OPS`; the same values to round-off), or None where that does not
+    apply: gradients, another activation, or neither float32 on CPU nor bfloat16 (a model cast
+    to it) where `onednn_fuses` measures it faster."""
+    if act not in POST_OPS or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0 \
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
+        return None
+    if not _cpu_fp32(x, w):
+        if not (_ONEDNN and x.dtype == w.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()
+                and onednn_fuses(w.shape[1], w.shape[0], x.numel() // x.shape[-1], act, fn)):
+            return None
+    return _dnn(x, w, b, *POST_OPS[act])
 
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,17 +90,37 @@ def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
         while n > 256 and n * d_in * d_out > 1 << 31:  # a large layer: fewer rows, a second or two at most
             n //= 2
         x, w, dy = probe(n, d_in), probe(d_out, d_in), probe(n, d_out)
-        ratios = []
-        with torch.no_grad():
-            for i in range(rounds + 1):
-                t0 = time.perf_counter()
-                torch.mm(x, w.t()), torch.mm(dy, w)
-                t1 = time.perf_counter()
-                _dnn(x, w, None), _dnn(dy, w.t(), None)
-                if i:  # the first round warms both up
-                    ratios.append((t1 - t0) / (time.perf_counter() - t1))
-        _TRAINS[key] = statistics.median(ratios) >= TRAIN_MARGIN
+        _TRAINS[key] = _median_ratio(lambda: (torch.mm(x, w.t()), torch.mm(dy, w)),
+                                     lambda: (_dnn(x, w, None), _dnn(dy, w.t(), None)), rounds) >= TRAIN_MARGIN
     return _TRAINS[key]
+
+
+def onednn_fuses(d_in: int, d_out: int, rows: int, act: str, fn, rounds: int = 7) -> bool:
+    """Whether oneDNN's bfloat16 product of this shape with the activation fused in runs at least
+    as fast as F.linear and then fn here (`FUSE_MARGIN`, measured as `onednn_trains` does). On a 2-core Zen 4 EPYC (AVX512-BF16), 384 -> 1536 with GELU: 1.1-1.3x; the plain
+    products ran as fast in both (360-400 GFLOP/s), so only the fused ones are measured."""
+    key = (d_in, d_out, bucket(rows), torch.bfloat16, act)
+    if key not in _TRAINS:
+        n = min(key[2], 2048)
+        x, w = probe(n, d_in, dtype=torch.bfloat16), probe(d_out, d_in, dtype=torch.bfloat16)
+        _TRAINS[key] = _median_ratio(lambda: fn(F.linear(x, w)), lambda: _dnn(x, w, None, *POST_OPS[act]),
+                                     rounds) >= FUSE_MARGIN
+    return _TRAINS[key]
+
+
+def _median_ratio(mkl, dnn, rounds: int) -> float:
+    """The median over `rounds` alternating runs of (time of mkl()) / (time of dnn()), after a
+    round that warms both up; without gradients."""
+    ratios = []
+    with torch.no_grad():
+        for i in range(rounds + 1):
+            t0 = time.perf_counter()
+            mkl()
+            t1 = time.perf_counter()
+            dnn()
+            if i:
+                ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return statistics.median(ratios)
 
 
 class DnnLinear(torch.autograd.Function):

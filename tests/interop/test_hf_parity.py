@@ -106,3 +106,23 @@ def test_new_task_head_keeps_backbone(tmp_path, padded_batch):
     assert clf(ids, attention_mask=mask).shape == (2, 4)
     assert torch.equal(clf.backbone.pooler.weight, emb.backbone.pooler.weight)
     assert torch.equal(clf.backbone.tokens.weight, emb.backbone.tokens.weight)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5", "bart"])
+def test_unpadded_encoder_matches_hf_at_real_tokens(tmp_path, padded_batch, arch):
+    """encode(unpad=True) (the layers on the real tokens only, attention on the padded layout)
+    gives HF's encoder states at every real token and zeros at the padding: post-norm with
+    learned positions (BERT, BART) and pre-norm with relative bias (T5)."""
+    ref = tiny_hf(arch)
+    ref.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    ids, mask, *_ = padded_batch
+    mask = mask.clone()
+    mask[0, 3:] = 0  # rows of 3 and 6 real tokens in 9 columns
+    with torch.no_grad():
+        enc = ref if arch == "bert" else ref.get_encoder()
+        want = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours.backbone.encode(ids, mask, unpad=True)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() <= TOL
+    assert got[~real].abs().max().item() == 0

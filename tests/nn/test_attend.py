@@ -1,4 +1,5 @@
-"""`attend`: SDPA, or for bfloat16 training on CPU the explicit products where they measure faster."""
+"""`attend`: SDPA, or the explicit products where they measure faster (bfloat16 training on CPU;
+inference without a causal flag)."""
 
 import pytest
 import torch
@@ -56,14 +57,50 @@ def test_the_path_follows_a_measurement_made_once_per_shape(monkeypatch):
     assert used == []  # 1.25x is within the margin: SDPA
 
 
-def test_float32_inference_and_gqa_stay_on_sdpa(monkeypatch):
-    monkeypatch.setattr(at, "_explicit_pays", lambda *a: pytest.fail("measured where SDPA is the only path"))
+def test_float32_training_gqa_and_causal_inference_stay_on_sdpa(monkeypatch):
+    monkeypatch.setattr(at, "_explicit_pays", lambda *a, **k: pytest.fail("measured where SDPA is the only path"))
     q, k, v = _qkv(dtype=torch.float32)
-    at.attend(q, k, v)
+    at.attend(q, k, v)  # float32 with a gradient
     q, k, v = _qkv()
-    with torch.no_grad():
-        at.attend(q, k, v)
     at.attend(q, k[:, :1], v[:, :1], gqa=True)
+    with torch.no_grad():
+        at.attend(q, k, v, is_causal=True)
+        at.attend(q[:, :, :1], k, v)  # one query (a decoding step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["none", "padding", "bias"])
+def test_keys_major_products_equal_sdpa(dtype, kind):
+    """Inference's explicit products against SDPA in float64 from the same inputs: float32 to
+    round-off, bfloat16 within its rounding; padding masks (B, 1, 1, S) and T5's bias (1, H, T, S)."""
+    q, k, v = (t.detach() for t in _qkv(T=7, S=9, dtype=dtype))
+    mask = None
+    if kind == "padding":
+        mask = torch.zeros(2, 1, 1, 9, dtype=dtype)
+        mask[1, ..., 6:] = torch.finfo(dtype).min
+    elif kind == "bias":
+        mask = torch.randn(1, 3, 7, 9, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        got = at._keys_major(q, k, v, mask, None).double()
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                          attn_mask=None if mask is None else mask.double())
+    assert got.dtype == torch.float64 and (got - want).abs().max().item() < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_inference_takes_the_explicit_products_where_measured_faster(monkeypatch):
+    times = iter([1.0, 0.5, 1.0, 0.9])  # SDPA, explicit: 2x (past 1.2x), then 1.1x (within)
+    monkeypatch.setattr(at, "_EXPLICIT", {})
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: next(times))
+    used = []
+    real = at._keys_major
+    monkeypatch.setattr(at, "_keys_major", lambda *a: used.append(1) or real(*a))
+    q, k, v = (t.detach() for t in _qkv(dtype=torch.float32))
+    with torch.inference_mode():
+        for _ in range(2):
+            at.attend(q, k, v)
+        assert len(used) == 2  # measured once
+        at.attend(q, k[:, :, :5], v[:, :, :5])  # another bucket of keys: measured again, SDPA
+        assert len(used) == 2
 
 
 def test_lengths_in_one_power_of_two_bucket_share_a_measurement(monkeypatch):

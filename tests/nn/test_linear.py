@@ -74,3 +74,42 @@ def test_measuring_leaves_the_global_rng_alone(monkeypatch):
     torch.manual_seed(0)
     L.onednn_trains(16, 8, 32)
     torch.testing.assert_close(torch.rand(3), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act,fn", [("gelu", F.gelu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
+                                    ("relu", F.relu)])
+def test_fused_linear_equals_the_product_then_the_activation(act, fn):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    with torch.no_grad():
+        got = L.fused_linear(x, w, b, act, fn)
+    torch.testing.assert_close(got, fn(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
+    assert L.fused_linear(x, w, b, "silu", F.silu) is None  # not a oneDNN post-op here
+    assert L.fused_linear(x.requires_grad_(), w, b, act, fn) is None  # a gradient: not fused
+
+
+@pytest.mark.parametrize("fuses", [True, False])
+def test_bfloat16_fuses_where_measured(monkeypatch, fuses):
+    """bfloat16 (a model cast to it) takes the fused product exactly when onednn_fuses says so,
+    and then agrees with the product and the activation within bfloat16 rounding."""
+    monkeypatch.setattr(L, "onednn_fuses", lambda *a: fuses)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 24, generator=g).bfloat16(), torch.randn(40, 24, generator=g).bfloat16()
+    with torch.no_grad():
+        got = L.fused_linear(x, w, None, "gelu", F.gelu)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert L.fused_linear(x, w, None, "gelu", F.gelu) is None  # autocast sees the ordinary op
+    assert (got is None) == (not fuses)
+    if fuses:
+        assert (got.float() - F.gelu(F.linear(x.float(), w.float()))).abs().max().item() < 0.1
+
+
+def test_onednn_fuses_measures_once_per_power_of_two_rows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(L, "_TRAINS", {})
+    monkeypatch.setattr(L, "_median_ratio", lambda a, b, rounds: calls.append(1) or 1.0)
+    for rows in (300, 500, 512):
+        assert L.onednn_fuses(16, 8, rows, "gelu", F.gelu)  # as fast counts (FUSE_MARGIN 1.0)
+    assert len(calls) == 1
+    L.onednn_fuses(16, 8, 600, "gelu", F.gelu)
+    assert len(calls) == 2
