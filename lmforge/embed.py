@@ -58,7 +58,8 @@ def embed(model: Model, tokenizer, texts: list[str], *, batch_size: int = 32, no
     sentence-transformers does). dtype="bfloat16" runs a bfloat16 copy of the model
     (`bf16_copy`: weights and activations in bfloat16, norms and softmax accumulating in
     float32 inside torch's kernels; pooling in float32): faster where the CPU has bfloat16
-    matrix instructions, far slower where it has not; "auto" measures which (`embed_dtype`)."""
+    matrix instructions, far slower where it has not; "auto" measures which (`embed_dtype`).
+    The layers skip the padding (`Transformer.encode(..., unpad=True)`) for encoders."""
     if isinstance(texts, str):
         raise TypeError("embed() takes a list of texts, not a single string")
     if not texts:

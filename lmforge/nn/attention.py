@@ -4,10 +4,11 @@
     head_i = softmax(Q_i K_i^T / sqrt(d_k) + M) V_i
     MultiHead = Concat(head_1..head_h) W^O
 
-computed by `F.scaled_dot_product_attention` (`attend`: for bfloat16 training on CPU, the
-explicit products where they measure faster). M is one additive mask that folds the
+computed by `F.scaled_dot_product_attention` (`attend`: for bfloat16 training and short
+inference on CPU, the explicit products where they measure faster). M is one additive mask that folds the
 causal mask, padding and (T5) relative position bias together. `QKV` holds the projections
 q, k, v; while decoding (a KV cache that carries RowBlocks) it computes them as one product.
+`Unpadded` runs the position-wise layers on a padded batch's real tokens only.
 """
 
 from __future__ import annotations
