@@ -97,8 +97,9 @@ def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
 
 def onednn_fuses(d_in: int, d_out: int, rows: int, act: str, fn, rounds: int = 7) -> bool:
     """Whether oneDNN's bfloat16 product of this shape with the activation fused in runs at least
-    as fast as F.linear and then fn here (`FUSE_MARGIN`, measured as `onednn_trains` does). On a 2-core Zen 4 EPYC (AVX512-BF16), 384 -> 1536 with GELU: 1.1-1.3x; the plain
-    products ran as fast in both (360-400 GFLOP/s), so only the fused ones are measured."""
+    as fast as F.linear and then fn here (`FUSE_MARGIN`, measured as `onednn_trains` does). On
+    a 2-core Zen 4 EPYC (AVX512-BF16), 384 -> 1536 with GELU: 1.1-1.3x; the plain products ran
+    as fast in both (360-400 GFLOP/s), so only the fused ones are measured."""
     key = (d_in, d_out, bucket(rows), torch.bfloat16, act)
     if key not in _TRAINS:
         n = min(key[2], 2048)
