@@ -240,8 +240,8 @@ class Unpadded:
     """The real tokens of a padded batch, packed into rows: the position-wise layers (linear
     maps, norms, the feed-forward block) run on those N rows only, attention on the padded
     (B, T) layout, `unpack`ed to it and `pack`ed back in each layer. Sentence embeddings
-    sorted by length still pad about a fifth of their tokens (600 STS-B sentences in batches
-    of 32); this skips that work."""
+    sorted by length still pad some of their tokens (5% of 600 STS-B sentences in batches of
+    32); this skips that work."""
 
     def __init__(self, attention_mask: torch.Tensor):
         self.shape = tuple(attention_mask.shape)  # (B, T)
@@ -302,17 +302,8 @@ class Attention(QKV):
         """x (B, T, d); memory (B, S, d) for cross-attention; mask additive, broadcastable
         to (B, H, T, S_k). Returns (B, T, d). With `unpadded` (self-attention without a cache),
         x and the result are the (N, d) real tokens instead."""
-        if unpadded is not None:
-            if self.cross or cache is not None:
-                raise ValueError("unpadded rows are for self-attention without a KV cache")
-            q, k, v = (unpadded.unpack(t) for t in self.project(x))
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            y = attend(q, k, v, mask, is_causal, dropout_p=self.dropout if self.training else 0.0,
-                       scale=self.scale, gqa=self.n_kv != self.n_heads)
-            return self.o(unpadded.pack(y.transpose(1, 2)).flatten(1))
-        B, T, _ = x.shape
+        if unpadded is not None and (self.cross or cache is not None):
+            raise ValueError("unpadded rows are for self-attention without a KV cache")
         if rope is not None and self.cross:
             raise ValueError("rotary positions do not apply to cross-attention")
         blocks = cache.blocks if cache is not None else None
@@ -321,6 +312,8 @@ class Attention(QKV):
             k, v = cache.cross[layer]  # encoder memory projected once
         else:
             q, k, v = self.project(x, memory if self.cross else None, blocks)
+            if unpadded is not None:  # (N, ·) real tokens → the padded (B, T, ·) layout attention works on
+                q, k, v = unpadded.unpack(q), unpadded.unpack(k), unpadded.unpack(v)
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -332,8 +325,9 @@ class Attention(QKV):
         # GQA/MQA: each kv head serves n_heads/n_kv query heads; SDPA broadcasts them itself
         # (no repeat_interleave copy of the whole KV cache at every decoding step)
         y = attend(q, k, v, mask, is_causal, dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
-                   gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
-        return linear(self.o, y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd), blocks)
+                   gqa=self.n_kv != self.n_heads).transpose(1, 2)  # (B, T, H, hd)
+        y = unpadded.pack(y).flatten(1) if unpadded is not None else y.reshape(*y.shape[:2], self.n_heads * self.hd)
+        return linear(self.o, y, blocks)
 
 
 def additive_mask(q_len: int, k_len: int, *, causal: bool, offset: int = 0,
