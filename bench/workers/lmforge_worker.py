@@ -16,6 +16,7 @@ from lmforge.models.heads import LMHead
 from lmforge.objectives import causal_lm, masked_lm, seq2seq
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import make_optimizer
+from lmforge.train.memory import keep_freed_memory
 
 OBJECTIVES = {"gpt2": causal_lm, "bert": masked_lm, "t5": seq2seq}
 _models: dict = {}
@@ -67,7 +68,9 @@ def _load(path: str, int8: bool = False, quantize: str | None = None):
 
 def train(dir: str, family: str, batch: dict, dtype: str, steps: int, tokens: int):
     """AdamW (lr 1e-4, weight decay 0.01, torch's betas) steps on one fixed batch through lmforge's
-    objective, with the optimizer the training loop makes (its parameter groups, fused kernel)."""
+    objective, with the optimizer the training loop makes (its parameter groups, fused kernel) and
+    the freed memory it keeps for reuse (lmforge.train.memory)."""
+    keep_freed_memory()
     model = load_hf(dir).train()
     b = {k: torch.tensor(v) for k, v in batch.items()}
     opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.01, beta2=0.999), torch.device("cpu"))

@@ -40,6 +40,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
 from lmforge.train.config import TrainConfig, TrainingDiverged, TrainingInterrupted
 from lmforge.train.log import MetricsLog, plot_losses
+from lmforge.train.memory import keep_freed_memory
 from lmforge.train.schedule import make_schedule
 from lmforge.train.signals import StopSignals
 
@@ -169,6 +170,8 @@ def train(model: nn.Module, objective: Callable, batches: Iterable[dict], cfg: T
     if (cfg.ckpt_every or cfg.resume) and not cfg.out_dir:
         raise ValueError("TrainConfig.ckpt_every and resume need out_dir (where checkpoints are written)")
     d, device = distributed.setup(cfg.device)  # under torchrun: this process's rank and device
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for each step's fresh buffers (memory.py)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs between processes; batch streams have their own
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
