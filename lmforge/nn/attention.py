@@ -19,7 +19,7 @@ import torch.nn as nn
 from lmforge.config import ModelConfig
 from lmforge.nn.attend import attend
 from lmforge.nn.layers import apply_rotary
-from lmforge.nn.linear import Linear, RowBlocks, TracedBlocks, linear
+from lmforge.nn.linear import Linear, RowBlocks, TracedBlocks, cast_once, linear
 
 
 class KVCache:
@@ -275,7 +275,8 @@ class QKV(nn.Module):
             y = blocks(x, self.q, self.k, self.v)
             if y is not None:
                 return y.split((self.inner, self.kv_inner, self.kv_inner), dim=-1)
-        src = x if memory is None else memory
+        x = cast_once(x)  # under autocast: one cast for the three products, not one each
+        src = x if memory is None else cast_once(memory)
         return linear(self.q, x, blocks), linear(self.k, src, blocks), linear(self.v, src, blocks)
 
 

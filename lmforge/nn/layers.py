@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.nn.linear import Linear, RowBlocks, fused_linear, linear
+from lmforge.nn.linear import Linear, RowBlocks, cast_once, fused_linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -81,6 +81,7 @@ class FeedForward(nn.Module):
         if self.gate is None and blocks is None and type(self.up) is Linear:
             h = fused_linear(x, self.up.weight, self.up.bias, self.act_name, self.act)
         if h is None:
+            x = cast_once(x) if self.gate is not None else x  # gate and up share one cast under autocast
             up = linear(self.up, x, blocks)
             h = self.act(linear(self.gate, x, blocks)) * up if self.gate is not None else self.act(up)
         return linear(self.down, self.drop(h) if self.training else h, blocks)

@@ -8,6 +8,7 @@
     RowBlocks     the small weights of one generation laid out for products of a few rows
     TracedBlocks  the same products for a compiled step, laid out by torch.compile's freezing
     linear        module(x), through a generation's RowBlocks when they hold the module
+    cast_once     x in autocast's dtype, for an input that several products share
 """
 
 from __future__ import annotations
@@ -264,6 +265,19 @@ class TracedBlocks:
         if w.dtype != torch.float32 or w.device.type != "cpu":
             return None
         return block_product(x, *weight_blocks([m.weight for m in modules], [m.bias for m in modules], self.parts))
+
+
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """x cast to autocast's dtype where autocast is on and would cast it, else x itself. For an
+    input that several products read (q, k and v; a gated FFN's gate and up): autocast casts
+    the input of each product separately, and in the backward casts each product's input
+    gradient back to float32 and sums those there. Cast once here, the forward is the same
+    bits, and the gradients are summed in the low precision before their one cast back. On a
+    GPT-2-like model under bf16 (2,048 x 384 activations) that is 4 casts fewer per layer."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev) or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return x
+    return x.to(torch.get_autocast_dtype(dev))
 
 
 def linear(module: nn.Module, x: torch.Tensor, blocks: RowBlocks | None = None) -> torch.Tensor:

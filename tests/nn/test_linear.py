@@ -113,3 +113,35 @@ def test_onednn_fuses_measures_once_per_power_of_two_rows(monkeypatch):
     assert len(calls) == 1
     L.onednn_fuses(16, 8, 600, "gelu", F.gelu)
     assert len(calls) == 2
+
+
+def test_cast_once_under_autocast_same_forward_fewer_casts(monkeypatch):
+    """q, k and v read one bf16 copy of their input: the same forward bits as autocast's three
+    casts, fewer casts counted (forward and backward), gradients equal to bf16 round-off."""
+    from torch.profiler import profile
+
+    import lmforge.nn.attention as A
+    from lmforge.config import ModelConfig
+    x0 = torch.randn(2, 16, 32)
+    assert L.cast_once(x0) is x0  # outside autocast: untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert L.cast_once(x0).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    att = A.Attention(ModelConfig.preset("gpt-tiny", vocab_size=64, d_model=32, n_heads=2, d_ff=64, max_len=32))
+
+    def run(cast):
+        monkeypatch.setattr(A, "cast_once", L.cast_once if cast else (lambda t: t))
+        leaf = x0.clone().requires_grad_()
+        x = leaf * 1.0  # not a leaf: autocast caches the casts of leaves (weights), not of activations
+        with profile() as p:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                q, k, v = att.project(x)
+            (q.float().sum() + 2 * k.float().sum() + 3 * v.float().sum()).backward()
+        casts = sum(e.count for e in p.key_averages() if e.key == "aten::_to_copy")
+        return (q, k, v), leaf.grad, casts
+
+    (q1, k1, v1), g1, n1 = run(cast=True)
+    (q0, k0, v0), g0, n0 = run(cast=False)
+    assert torch.equal(q1, q0) and torch.equal(k1, k0) and torch.equal(v1, v0)
+    assert n1 <= n0 - 4, (n1, n0)  # two forward casts and two backward ones fewer
+    torch.testing.assert_close(g1, g0, rtol=2e-2, atol=2e-2)
