@@ -36,6 +36,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define FS_X86 1
+#include "simd.h"
 #endif
 
 /* Each layer's row of the table: data pointers, 0 where absent (biases, LayerNorm's bias, the
@@ -76,7 +77,6 @@ static void tile_plain(const float *x, int64_t ldx, int64_t k, int nr, const flo
 }
 
 #ifdef FS_X86
-#define AVX2 __attribute__((target("avx2,fma")))
 /* v loaded into a register: with it the compiler loads each weight once, not once for each FMA
  * that reads it (as a memory operand), which made the two-row tile load-bound */
 #define IN_REG(v) __asm__("" : "+x"(v))
@@ -85,25 +85,6 @@ static void tile_plain(const float *x, int64_t ldx, int64_t k, int nr, const flo
 AVX2 static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-
-/* e^x in eight lanes, within 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
- * polynomial, times 2^n made in the exponent bits) */
-AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 /* u[i] = act(u[i]) (gate: act(gate[i]) u[i]) for i < n, SiLU and tanh-GELU as x / (1 + e^-z)

@@ -431,6 +431,7 @@ static PyMethodDef methods[] = {
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL, "One decoding step (see qstep.c)."},
     {"float_step", (PyCFunction)(void (*)(void))py_float_step, METH_FASTCALL, "One float32 decoding step (see fstep.c)."},
     {"gather_rows", (PyCFunction)(void (*)(void))py_gather_rows, METH_FASTCALL, "A KV cache's rows reordered (see fstep.c)."},
+    {"gelu_tanh", (PyCFunction)(void (*)(void))py_gelu_tanh, METH_FASTCALL, "tanh-GELU or its input gradient (see gelu.c)."},
     {NULL, NULL, 0, NULL},
 };
 

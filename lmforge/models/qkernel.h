@@ -1,5 +1,5 @@
-/* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step) and fstep.c (a whole
- * float32 decoding step) share. */
+/* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step), fstep.c (a whole
+ * float32 decoding step) and gelu.c (tanh-GELU for training) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
@@ -43,4 +43,5 @@ float qk_dot(const float *a, const float *b, int64_t n);
 PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_gelu_tanh(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lmforge.nn.layers as L_act
 from lmforge.nn.layers import RelativeBias, sinusoidal_table
 from lmforge.nn.linear import Linear, RowBlocks, fast_linear, linear
 
@@ -97,3 +98,28 @@ def test_qkv_projections_keep_their_names_and_stack_when_decoding():
         stacked = attn.project(x, blocks=RowBlocks(parts=2))
     for a, b, n in zip(plain, stacked, (16, 8, 8)):
         assert a.shape == b.shape == (2, 1, n) and torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.skipif(not L_act._GELU_C, reason="lmforge's C kernels are not built, or the CPU lacks AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_kernel_matches_torch(dtype):
+    """The C tanh-GELU (lmforge/models/gelu.c), forward and input gradient: within float32
+    round-off of float64, as close as torch's own in bfloat16; a strided input; the tail of
+    fewer than 8 elements; large |x|."""
+    torch.manual_seed(0)
+    x = (torch.randn(37, 64) * 3).to(dtype)[:, ::2]  # not contiguous
+    x[0, :4] = torch.tensor([-30.0, 30.0, -1e4, 1e4], dtype=dtype)
+    x.requires_grad_()
+    dy = torch.randn(x.shape).to(dtype)
+    y = L_act.activation("gelu_tanh")(x)
+    assert type(y.grad_fn).__name__.startswith("GeluTanh")
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.gelu(x64, approximate="tanh")
+    y64.backward(dy.double())
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **({"rtol": 1e-5, "atol": 2e-5} if dtype == torch.float32
+                                                          else tol))
+    if dtype == torch.bfloat16:  # the same values as torch's bfloat16 GELU, to one rounding
+        assert (y.float() - F.gelu(x.detach(), approximate="tanh").float()).abs().max() <= 2 ** -7 * y.abs().max()
