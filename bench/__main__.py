@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from bench import ceilings, chat, decode, embed, serving, train
-from bench.report import format_table, plot
+from bench.report import format_table, plot, shown_command
 from bench.timing import Settings
 
 GROUPS = {"train": train, "decode": decode, "chat": chat, "embed": embed, "serve": serving}
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         s = Settings(threads=a.threads, repeats=repeats, pause=a.pause, quick=a.quick, smoke=a.smoke,
                      log_dir=logs, tmp=tmp)
         results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "command": shown_command("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])),
                    "machine": machine(), "versions": versions(), "settings": {**vars(s), "warmup": s.warmup},
                    "ceilings": {}, "measurements": [], "errors": {}}
         for k in ("log_dir", "tmp"):

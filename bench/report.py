@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -89,12 +90,23 @@ def readme_block(*runs: dict) -> str:
     return "\n".join(out + [END])
 
 
+def shown_command(command: str) -> str:
+    """The command as a reader can rerun it: absolute paths (this machine's) cut to their
+    runs/... part, or to their file name."""
+    words = []
+    for w in command.split(" "):
+        if os.path.isabs(w):
+            w = "runs/" + w.split("/runs/", 1)[1] if "/runs/" in w else os.path.basename(w)
+        words.append(w)
+    return " ".join(words)
+
+
 def _run_block(results: dict) -> list[str]:
     out = [""] + [line + "  " for line in _header(results)]
     out += ["", "| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in table_rows(results)]
     out += [f"\ngroup {k} failed: {v}" for k, v in results.get("errors", {}).items()]
-    out += ["", "Command: `" + results.get("command", "python -m bench") + "`. % of limit: MFU for training, "
+    out += ["", "Command: `" + shown_command(results.get("command", "python -m bench")) + "`. % of limit: MFU for training, "
             "weights read per step × steps/s ÷ read bandwidth for decoding, 2 × weights × tokens/s ÷ fp32 "
             "matmul ceiling for prompt processing. Ratios are lmforge's rate over the reference's."]
     return out

@@ -206,3 +206,12 @@ def test_fp32_ceiling_takes_the_faster_gemm_library():
     assert run() == 2.0 * 256 ** 3
     _, info16 = ceilings.matmul("bf16", max_n=256)
     assert info16["library"] == "torch.mm"  # bf16: torch.mm only (oneDNN inside)
+
+
+def test_readme_commands_hold_no_absolute_paths():
+    """A run's command is shown as a reader can rerun it: no path of the machine that ran it."""
+    from bench.report import shown_command
+    assert shown_command("python -m bench train --out /home/me/lmforge/runs/bench/t.json") == \
+        "python -m bench train --out runs/bench/t.json"
+    assert shown_command("python -m bench --quick --out /tmp/x.json") == "python -m bench --quick --out x.json"
+    assert shown_command("python -m bench embed --out runs/e.json") == "python -m bench embed --out runs/e.json"
