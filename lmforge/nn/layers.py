@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.models import qkernel  # the optional C kernels (setup.py): the tanh-GELU's
 from lmforge.nn.linear import Linear, RowBlocks, cast_once, fused_linear, linear
 
 
@@ -47,12 +48,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-try:
-    from lmforge.models import _qkernel  # optional C kernels (setup.py); imported after torch
-except ImportError:
-    _qkernel = None
 # lmforge.models.gelu.c: a vectorised e^x where torch computes SLEEF's tanhf; used with AVX2 and FMA
-_GELU_C = _qkernel is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_GELU_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +81,7 @@ class GeluTanh(torch.autograd.Function):
 
 def _gelu_kernel(x: torch.Tensor, dy: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(x)
-    _qkernel.gelu_tanh(out.data_ptr(), x.data_ptr(), 0 if dy is None else dy.data_ptr(), x.numel(),
+    qkernel._qkernel.gelu_tanh(out.data_ptr(), x.data_ptr(), 0 if dy is None else dy.data_ptr(), x.numel(),
                        int(x.dtype == torch.bfloat16))
     return out
 

@@ -27,21 +27,19 @@ process); inference (embeddings, generation) faults far less and leaves malloc a
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
 KEEP = 1 << 30  # bytes of free heap glibc may keep (M_TRIM_THRESHOLD)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_applied: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse (see the module's docstring). Returns whether the
-    settings are in force: False without glibc, or with LMFORGE_KEEP_MEMORY=0. Idempotent."""
-    if _applied:
-        return _applied[0]
-    ok = False
+    settings are in force: False without glibc, or with LMFORGE_KEEP_MEMORY=0. Once per process."""
     if os.environ.get("LMFORGE_KEEP_MEMORY", "1") != "0" and platform.system() == "Linux" \
             and platform.libc_ver()[0] == "glibc":
         try:
@@ -49,7 +47,6 @@ def keep_freed_memory() -> bool:
         except OSError:
             libc = None
         # mallopt returns 1 on success
-        ok = libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 \
+        return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 \
             and libc.mallopt(_M_TRIM_THRESHOLD, KEEP) == 1
-    _applied.append(ok)
-    return ok
+    return False
