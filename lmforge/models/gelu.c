@@ -22,31 +22,6 @@
 #define A3 0.044715f
 #define CHUNK 8192
 
-static inline float bf16_float(uint16_t h) {
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, sizeof b);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
-
-static inline float load1(const void *p, int64_t i, int bf) {
-    return bf ? bf16_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store1(void *p, int64_t i, float v, int bf) {
-    if (bf)
-        ((uint16_t *)p)[i] = float_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 /* element i: y (dy == NULL) or dx */
 static inline float gelu1(const void *x, const void *dy, int64_t i, int bf) {
     const float v = load1(x, i, bf), s = 1.f / (1.f + expf(-KZ * (v + A3 * v * v * v)));
@@ -55,24 +30,6 @@ static inline float gelu1(const void *x, const void *dy, int64_t i, int bf) {
 }
 
 #ifdef GK_X86
-AVX2 static inline __m256 load8(const void *p, int64_t i, int bf) {
-    if (!bf) return _mm256_loadu_ps((const float *)p + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-AVX2 static inline void store8(void *p, int64_t i, __m256 v, int bf) {
-    if (!bf) {
-        _mm256_storeu_ps((float *)p + i, v);
-        return;
-    }
-    __m256i b = _mm256_castps_si256(v); /* round to nearest even, as float_bf16 (NaN aside) */
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    _mm_storeu_si128((__m128i *)((uint16_t *)p + i),
-                     _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-}
-
 /* elements lo.. in eights; returns where the scalar tail starts */
 AVX2 static int64_t gelu8(void *out, const void *x, const void *dy, int64_t lo, int64_t hi, int bf) {
     const __m256 one = _mm256_set1_ps(1.f), kz = _mm256_set1_ps(KZ), a3 = _mm256_set1_ps(A3);

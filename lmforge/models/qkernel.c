@@ -432,6 +432,7 @@ static PyMethodDef methods[] = {
     {"float_step", (PyCFunction)(void (*)(void))py_float_step, METH_FASTCALL, "One float32 decoding step (see fstep.c)."},
     {"gather_rows", (PyCFunction)(void (*)(void))py_gather_rows, METH_FASTCALL, "A KV cache's rows reordered (see fstep.c)."},
     {"gelu_tanh", (PyCFunction)(void (*)(void))py_gelu_tanh, METH_FASTCALL, "tanh-GELU or its input gradient (see gelu.c)."},
+    {"attend_rows", (PyCFunction)(void (*)(void))py_attend_rows, METH_FASTCALL, "Attention over packed rows (see rowattn.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,10 +1,12 @@
 /* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step), fstep.c (a whole
- * float32 decoding step) and gelu.c (tanh-GELU for training) share. */
+ * float32 decoding step), gelu.c (tanh-GELU for training) and rowattn.c (attention over packed
+ * rows) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { QK = 32, ROWS = 4, QSEG_MAX = 4 };
 
@@ -40,8 +42,36 @@ void qk_rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin
 /* a . b in 8 running sums (a form compilers vectorise; one running sum is a chain they may not reorder). */
 float qk_dot(const float *a, const float *b, int64_t n);
 
+/* Elements of float32 (bf = 0) or bfloat16 (bf = 1) arrays as float; bfloat16 rounded to nearest even. */
+static inline float bf16_float(uint16_t h) {
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+static inline float load1(const void *p, int64_t i, int bf) {
+    return bf ? bf16_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(void *p, int64_t i, float v, int bf) {
+    if (bf)
+        ((uint16_t *)p)[i] = float_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+
 PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gelu_tanh(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

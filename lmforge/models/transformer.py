@@ -147,7 +147,7 @@ class Stack(nn.Module):
         rope = self.rope(position_ids) if self.rope is not None else None
         unpadded = None
         if unpad and attention_mask is not None and memory is None and cache is None:
-            unpadded = Unpadded(attention_mask)
+            unpadded = Unpadded(attention_mask, alone=not self.causal and bias is None)
             x = unpadded.pack(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask=mask, is_causal=simple_causal, rope=rope, memory=memory,

@@ -1,7 +1,8 @@
 """Scaled dot-product attention: torch's fused kernel, or the explicit products where they
 measure faster (bfloat16 training; inference over short sequences).
 
-    attend   softmax(q k^T · scale + mask) v, as F.scaled_dot_product_attention
+    attend       softmax(q k^T · scale + mask) v, as F.scaled_dot_product_attention
+    attend_rows  the same over packed rows (each sequence's real tokens), without gradients
 
 On CPU, SDPA's flash kernel runs its backward in bfloat16 at a fraction of the matrix
 instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), batch 16 × 6
@@ -21,6 +22,11 @@ layers of all-MiniLM-L6-v2 over 600 STS-B sentences took 150–190 ms of attenti
 against 35–40 ms for `_keys_major`'s products, 100 ms against 50 in bfloat16. Without
 gradients, for float32 and bfloat16 on CPU, with more than one query and no causal flag (a
 mask may hold anything), that path is measured against SDPA the same way (`INFER_MARGIN`).
+
+Inference over packed rows (`lmforge.nn.attention.Unpadded`, sequences that see all of their own
+tokens and nothing else) can skip the padded layout altogether: `attend_rows` runs lmforge's C
+kernel (lmforge/models/rowattn.c) on the rows as they are, where it is built and measures at least
+as fast as `attend` on the padded layout without the copies to and from it (`rows_pay`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.models import qkernel  # the optional C kernels (setup.py): attention over packed rows
 from lmforge.nn.measure import best_time, bucket, probe
 
 MARGIN = 1.5
@@ -35,6 +42,7 @@ REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the firs
 INFER_MARGIN = 1.2  # inference keeps no state between processes: a smaller margin will do
 MAX_SCORES = 1 << 23  # B·H·T·S: 32 MB of float32 scores
 _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal, inference -> whether the explicit products pay
+_ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -138,3 +146,49 @@ def _explicit_pays(q, k, v, mask, causal, infer: bool = False) -> bool:
         fused = best_time(lambda: run(False), REPEATS)
         _EXPLICIT[key] = best_time(lambda: run(True), REPEATS) * MARGIN <= fused
     return _EXPLICIT[key]
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, longest: int,
+                n_heads: int, n_kv: int, scale: float | None = None) -> torch.Tensor | None:
+    """Self-attention over packed rows without gradients: sequence b is rows starts[b]..starts[b+1]
+    (int64; `longest` the most rows of one) of q (N, n_heads·hd), k and v (N, n_kv·hd), and each
+    of its rows attends to exactly those rows (no causal mask, no bias). Returns out (N,
+    n_heads·hd), or None where the C kernel does not apply or `rows_pay` measures it slower: then
+    the caller takes the padded path."""
+    hd = q.shape[-1] // n_heads
+    if not (qkernel.available() and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 2 and starts.numel() > 1
+            and all(t.stride(-1) == 1 for t in (q, k, v)) and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        return None
+    if not rows_pay(starts.numel() - 1, longest, n_heads, n_kv, hd, q.dtype):
+        return None
+    return _rows_kernel(q, k, v, starts, n_heads, n_kv, hd, hd ** -0.5 if scale is None else scale)
+
+
+def _rows_kernel(q, k, v, starts, n_heads, n_kv, hd, scale) -> torch.Tensor:
+    out = torch.empty(q.shape[0], n_heads * hd, dtype=q.dtype)
+    qkernel._qkernel.attend_rows(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), starts.data_ptr(),
+                                 starts.numel() - 1, n_heads, n_kv, hd, q.stride(0), k.stride(0), v.stride(0),
+                                 out.stride(0), int(q.dtype == torch.bfloat16), float(scale))
+    return out
+
+
+def rows_pay(sequences: int, longest: int, n_heads: int, n_kv: int, hd: int, dtype: torch.dtype) -> bool:
+    """Whether `attend_rows`'s kernel runs at least as fast here as `attend` on the padded layout
+    (B, H, T, hd) with a key-padding mask, for `sequences` of `longest` tokens (both rounded up to a
+    power of two), measured once per process and shape. The padded path's copies into and out of
+    that layout are not counted: the kernel must win on the attention alone."""
+    B, T = bucket(sequences), bucket(longest)
+    key = (B, T, n_heads, n_kv, hd, dtype)
+    if key not in _ROWS:
+        q, kv = probe(B * T, n_heads * hd, dtype=dtype), probe(B * T, 2 * n_kv * hd, dtype=dtype)
+        k, v = kv[:, :n_kv * hd], kv[:, n_kv * hd:]
+        starts = torch.arange(0, B * T + 1, T)
+        qp, kp, vp = (t.view(B, T, -1, hd).transpose(1, 2) for t in (q, k, v))
+        mask = torch.zeros(B, 1, 1, T, dtype=dtype)
+        with torch.inference_mode():
+            padded = best_time(lambda: attend(qp, kp, vp, mask, gqa=n_kv != n_heads), REPEATS)
+            _ROWS[key] = best_time(lambda: _rows_kernel(q, k, v, starts, n_heads, n_kv, hd, hd ** -0.5),
+                                   REPEATS) <= padded
+    return _ROWS[key]

@@ -1,7 +1,8 @@
 """Linear layers and the GEMM kernels behind them.
 
     fast_linear   y = x W^T + b: on CPU in float32 through oneDNN without gradients, and when
-                  training where oneDNN measures faster (`onednn_trains`); else F.linear
+                  training where oneDNN measures faster (`onednn_trains`); in bfloat16 without
+                  gradients where it measures faster (`onednn_fuses`); else F.linear
     fused_linear  act(x W^T + b) as one oneDNN product with the activation fused, without
                   gradients (float32; bfloat16 where it measures faster: `onednn_fuses`)
     Linear        nn.Linear (same parameters, same state dict) computed with fast_linear
@@ -49,6 +50,12 @@ def _cpu_fp32(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def _cpu_bf16_inference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() >= 2
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))))
+
+
 def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str, fn) -> torch.Tensor | None:
     """fn(x W^T + b), fn the activation named `act`, as one oneDNN product with the activation
     applied inside it (`POST_OPS`; the same values to round-off), or None where that does not
@@ -58,8 +65,7 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: 
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
         return None
     if not _cpu_fp32(x, w):
-        if not (_ONEDNN and x.dtype == w.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()
+        if not (_cpu_bf16_inference(x, w, b)
                 and onednn_fuses(w.shape[1], w.shape[0], x.numel() // x.shape[-1], act, fn)):
             return None
     return _dnn(x, w, b, *POST_OPS[act])
@@ -67,8 +73,10 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: 
 
 def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; through oneDNN on CPU in float32 without gradients, and with them where
-    `onednn_trains` says so."""
+    `onednn_trains` says so; in bfloat16 without gradients where `onednn_fuses` measures it faster."""
     if not _cpu_fp32(x, w):
+        if _cpu_bf16_inference(x, w, b) and onednn_fuses(w.shape[1], w.shape[0], x.numel() // x.shape[-1]):
+            return _dnn(x, w, b)
         return F.linear(x, w, b)  # autocast and torch.compile see the ordinary op
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         rows = x.numel() // max(x.shape[-1], 1)
@@ -96,17 +104,19 @@ def onednn_trains(d_in: int, d_out: int, rows: int, rounds: int = 7) -> bool:
     return _TRAINS[key]
 
 
-def onednn_fuses(d_in: int, d_out: int, rows: int, act: str, fn, rounds: int = 7) -> bool:
-    """Whether oneDNN's bfloat16 product of this shape with the activation fused in runs at least
-    as fast as F.linear and then fn here (`FUSE_MARGIN`, measured as `onednn_trains` does). On
-    a 2-core Zen 4 EPYC (AVX512-BF16), 384 -> 1536 with GELU: 1.1-1.3x; the plain products ran
-    as fast in both (360-400 GFLOP/s), so only the fused ones are measured."""
+def onednn_fuses(d_in: int, d_out: int, rows: int, act: str | None = None, fn=None, rounds: int = 7) -> bool:
+    """Whether oneDNN's bfloat16 product of this shape (with the activation `act` fused in, if
+    given) runs at least as fast as F.linear (and then fn) here (`FUSE_MARGIN`, measured as
+    `onednn_trains` does); for inference, where the two give the same values to round-off. On
+    a 2-core Zen 4 EPYC (AVX512-BF16), 384 -> 1536 with GELU: 1.1-1.3x; the plain products of
+    all-MiniLM-L6-v2 over ~350 rows: 384 -> 384 1.1x, 384 -> 1536 1.07x (the same bits)."""
     key = (d_in, d_out, bucket(rows), torch.bfloat16, act)
     if key not in _TRAINS:
         n = min(key[2], 2048)
         x, w = probe(n, d_in, dtype=torch.bfloat16), probe(d_out, d_in, dtype=torch.bfloat16)
-        _TRAINS[key] = _median_ratio(lambda: fn(F.linear(x, w)), lambda: _dnn(x, w, None, *POST_OPS[act]),
-                                     rounds) >= FUSE_MARGIN
+        post = POST_OPS[act] if act is not None else ("none", "")
+        _TRAINS[key] = _median_ratio(lambda: F.linear(x, w) if fn is None else fn(F.linear(x, w)),
+                                     lambda: _dnn(x, w, None, *post), rounds) >= FUSE_MARGIN
     return _TRAINS[key]
 
 

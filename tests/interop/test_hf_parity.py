@@ -108,11 +108,18 @@ def test_new_task_head_keeps_backbone(tmp_path, padded_batch):
     assert torch.equal(clf.backbone.tokens.weight, emb.backbone.tokens.weight)
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("arch", ["bert", "t5", "bart"])
-def test_unpadded_encoder_matches_hf_at_real_tokens(tmp_path, padded_batch, arch):
-    """encode(unpad=True) (the layers on the real tokens only, attention on the padded layout)
-    gives HF's encoder states at every real token and zeros at the padding: post-norm with
-    learned positions (BERT, BART) and pre-norm with relative bias (T5)."""
+def test_unpadded_encoder_matches_hf_at_real_tokens(tmp_path, padded_batch, monkeypatch, arch, rows):
+    """encode(unpad=True) (the layers on the real tokens only, attention on the padded layout, or
+    with `rows` on the packed rows themselves where the C kernel is built) gives HF's encoder
+    states at every real token and zeros at the padding: post-norm with learned positions (BERT,
+    BART) and pre-norm with relative bias (T5, whose bias keeps the padded layout)."""
+    import lmforge.nn.attend as at
+    monkeypatch.setattr(at, "rows_pay", lambda *a: rows)
+    used = []
+    kernel = at._rows_kernel
+    monkeypatch.setattr(at, "_rows_kernel", lambda *a: used.append(1) or kernel(*a))
     ref = tiny_hf(arch)
     ref.save_pretrained(tmp_path)
     ours = load_hf(tmp_path).eval()
@@ -126,3 +133,4 @@ def test_unpadded_encoder_matches_hf_at_real_tokens(tmp_path, padded_batch, arch
     real = mask.bool()
     assert (got[real] - want[real]).abs().max().item() <= TOL
     assert got[~real].abs().max().item() == 0
+    assert bool(used) == (rows and arch != "t5" and at.qkernel.available())

@@ -112,3 +112,64 @@ def test_lengths_in_one_power_of_two_bucket_share_a_measurement(monkeypatch):
     assert len(calls) == 2  # SDPA and the explicit products, timed once
     at.attend(*_qkv(T=20, S=20), is_causal=True)
     assert len(calls) == 4
+
+
+def _rows(lens, H, KV, hd, dtype, seed=0):
+    """q, k, v as column blocks of one (N, (H + 2 KV) hd) product (rows of a stride wider than
+    their width), and the sequences' starts."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (2 * torch.randn(sum(lens), (H + 2 * KV) * hd, generator=g)).to(dtype)
+    starts = torch.tensor([0] + lens).cumsum(0)
+    return (*qkv.split((H * hd, KV * hd, KV * hd), -1), starts)
+
+
+def _rows_reference(q, k, v, starts, H, KV, scale):
+    """float64, one sequence at a time, through SDPA on the (1, H, T, hd) layout."""
+    hd, out = q.shape[1] // H, []
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        qq, kk, vv = (t[a:b].double().view(b - a, n, hd).transpose(0, 1)[None] for t, n in ((q, H), (k, KV), (v, KV)))
+        y = F.scaled_dot_product_attention(qq, kk, vv, scale=scale, enable_gqa=KV != H)
+        out.append(y[0].transpose(0, 1).reshape(b - a, H * hd))
+    return torch.cat(out)
+
+
+rows_kernel = pytest.mark.skipif(not at.qkernel.available(), reason="the C kernels are not built here")
+
+
+@rows_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lens,H,KV,hd", [([22, 13, 9, 7, 1], 12, 12, 32),  # all-MiniLM-L6-v2's heads
+                                          ([30, 17], 4, 2, 64),  # GQA
+                                          ([40, 3], 2, 1, 24),  # hd = 16 + 8: a half step
+                                          ([5, 9], 3, 3, 12)])  # hd not a multiple of 8: the portable loop
+def test_attend_rows_equals_attention_per_sequence(monkeypatch, dtype, tol, lens, H, KV, hd):
+    """Each packed sequence attends to its own rows only: against SDPA in float64 sequence by
+    sequence, relative to the largest output; the output rounded once in bfloat16."""
+    monkeypatch.setattr(at, "rows_pay", lambda *a: True)
+    q, k, v, starts = _rows(lens, H, KV, hd, dtype)
+    with torch.no_grad():
+        got = at.attend_rows(q, k, v, starts, max(lens), H, KV, scale=0.3)
+    want = _rows_reference(q, k, v, starts, H, KV, 0.3)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol
+
+
+@rows_kernel
+def test_attend_rows_declines_gradients_and_follows_its_measurement(monkeypatch):
+    """None (the padded path) where a gradient is wanted or the measurement says the kernel is
+    slower; measured once per bucket of sequences and length."""
+    q, k, v, starts = _rows([6, 5], 2, 2, 8, torch.float32)
+    calls = []
+    monkeypatch.setattr(at, "_ROWS", {})
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) % 2 else 2.0))
+    with torch.no_grad():
+        assert at.attend_rows(q, k, v, starts, 6, 2, 2) is None  # padded 1.0 s, kernel 2.0 s
+        assert at.attend_rows(q, k, v, starts, 7, 2, 2) is None and len(calls) == 2  # same bucket (8)
+    at._ROWS.clear()
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: 1.0)
+    assert at.attend_rows(q.requires_grad_(), k, v, starts, 6, 2, 2) is None  # a gradient
+    with torch.no_grad():
+        assert at.attend_rows(q, k, v, starts, 6, 2, 2) is not None  # as fast counts
+    monkeypatch.setattr(at.qkernel, "available", lambda: False)
+    with torch.no_grad():
+        assert at.attend_rows(q, k, v, starts, 6, 2, 2) is None

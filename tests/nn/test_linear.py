@@ -145,3 +145,62 @@ def test_cast_once_under_autocast_same_forward_fewer_casts(monkeypatch):
     assert torch.equal(q1, q0) and torch.equal(k1, k0) and torch.equal(v1, v0)
     assert n1 <= n0 - 4, (n1, n0)  # two forward casts and two backward ones fewer
     torch.testing.assert_close(g1, g0, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dnn", [True, False])
+def test_bfloat16_inference_products_go_through_onednn_where_measured(monkeypatch, dnn):
+    """A bfloat16 product without gradients takes oneDNN's kernel exactly when onednn_fuses (no
+    activation) says so, with F.linear's values; with a gradient or under autocast, F.linear."""
+    asked, used = [], []
+    monkeypatch.setattr(L, "onednn_fuses", lambda d_in, d_out, rows, act=None, fn=None: asked.append(act) or dnn)
+    real = L._dnn
+    monkeypatch.setattr(L, "_dnn", lambda *a: used.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((6, 24), (40, 24), (40,)))
+    with torch.no_grad():
+        got = L.fast_linear(x, w, b)
+    assert asked == [None] and bool(used) == dnn
+    assert (got.float() - F.linear(x, w, b).float()).abs().max().item() <= 0.0625  # bf16 rounding of |y| < 16
+    used.clear()
+    L.fast_linear(x, w.requires_grad_(), b)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        L.fast_linear(x.float(), w.float(), b.float())
+    assert used == []
+
+
+def test_stacked_qkv_one_product_same_values(monkeypatch):
+    """QKV.stack lays q, k and v out as one tensor: the state dict and the three projections keep
+    their values, without gradients they come from one product, with them from three; a
+    parameter replaced (.to(), LoRA) falls back to the three products."""
+    import lmforge.nn.attention as A
+    from lmforge.config import ModelConfig
+    from lmforge.lora import apply_lora
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("gpt-tiny", vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
+    att = A.Attention(cfg).to(torch.bfloat16)
+    x = torch.randn(2, 5, 32).bfloat16()
+    state = {k: v.clone() for k, v in att.state_dict().items()}
+    with torch.no_grad():
+        want = att.project(x)
+    att.stack()
+    assert all(torch.equal(state[k], v) for k, v in att.state_dict().items())
+    shapes = []
+    real = A.fast_linear
+    monkeypatch.setattr(A, "fast_linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or real(x, w, b))
+    with torch.no_grad():
+        got = att.project(x)
+    assert shapes == [(64, 32)]  # q 32 + k 16 + v 16 rows in one product
+    assert all((a.float() - e.float()).abs().max().item() <= 2e-2 for a, e in zip(got, want))
+    shapes.clear()
+    (att.project(x)[0].float().sum()).backward()  # gradients: the parameters' own products
+    assert att.q.weight.grad is not None and (64, 32) not in shapes
+    shapes.clear()
+    with torch.no_grad():
+        att.float().project(x.float())
+    assert (64, 32) not in shapes  # .to() made new parameters: the stacked layout is gone
+    att.to(torch.bfloat16).stack()
+    apply_lora(att, r=2, targets=("q",))
+    assert type(att.q).__name__ == "LoRALinear"
+    with torch.no_grad():
+        att.project(x)
+    assert (64, 32) not in shapes
