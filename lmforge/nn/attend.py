@@ -42,6 +42,7 @@ REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the firs
 INFER_MARGIN = 1.2  # inference keeps no state between processes: a smaller margin will do
 MAX_SCORES = 1 << 23  # B·H·T·S: 32 MB of float32 scores
 _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal, inference -> whether the explicit products pay
+ROWS_PROBE = 8192  # rows_pay measures at most this many packed rows (sequences x longest)
 _ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
 
 
@@ -178,8 +179,10 @@ def rows_pay(sequences: int, longest: int, n_heads: int, n_kv: int, hd: int, dty
     """Whether `attend_rows`'s kernel runs at least as fast here as `attend` on the padded layout
     (B, H, T, hd) with a key-padding mask, for `sequences` of `longest` tokens (both rounded up to a
     power of two), measured once per process and shape. The padded path's copies into and out of
-    that layout are not counted: the kernel must win on the attention alone."""
-    B, T = bucket(sequences), bucket(longest)
+    that layout are not counted: the kernel must win on the attention alone. Both take time in
+    proportion to the sequences, so at most `ROWS_PROBE` rows are measured."""
+    T = bucket(longest)
+    B = min(bucket(sequences), max(1, ROWS_PROBE // T))
     key = (B, T, n_heads, n_kv, hd, dtype)
     if key not in _ROWS:
         q, kv = probe(B * T, n_heads * hd, dtype=dtype), probe(B * T, 2 * n_kv * hd, dtype=dtype)

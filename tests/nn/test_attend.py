@@ -173,3 +173,15 @@ def test_attend_rows_declines_gradients_and_follows_its_measurement(monkeypatch)
     monkeypatch.setattr(at.qkernel, "available", lambda: False)
     with torch.no_grad():
         assert at.attend_rows(q, k, v, starts, 6, 2, 2) is None
+
+
+def test_rows_pay_measures_a_bounded_probe(monkeypatch):
+    """Many long sequences are measured on at most ROWS_PROBE packed rows (the two paths scale
+    alike with the sequences), and the key follows the capped count."""
+    shapes = []
+    monkeypatch.setattr(at, "_ROWS", {})
+    monkeypatch.setattr(at, "probe", lambda *s, dtype=torch.float32: shapes.append(s) or torch.zeros(*s, dtype=dtype))
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: 1.0)
+    assert at.rows_pay(5000, 300, 2, 2, 8, torch.float32)
+    assert shapes and all(s[0] <= at.ROWS_PROBE for s in shapes)
+    assert list(at._ROWS) == [(at.ROWS_PROBE // 512, 512, 2, 2, 8, torch.float32)]
