@@ -433,6 +433,8 @@ static PyMethodDef methods[] = {
     {"gather_rows", (PyCFunction)(void (*)(void))py_gather_rows, METH_FASTCALL, "A KV cache's rows reordered (see fstep.c)."},
     {"gelu_tanh", (PyCFunction)(void (*)(void))py_gelu_tanh, METH_FASTCALL, "tanh-GELU or its input gradient (see gelu.c)."},
     {"attend_rows", (PyCFunction)(void (*)(void))py_attend_rows, METH_FASTCALL, "Attention over packed rows (see rowattn.c)."},
+    {"causal_forward", (PyCFunction)(void (*)(void))py_causal_forward, METH_FASTCALL, "Causal attention, forward (see causal.c)."},
+    {"causal_backward", (PyCFunction)(void (*)(void))py_causal_backward, METH_FASTCALL, "Causal attention, backward (see causal.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,6 +1,6 @@
 /* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step), fstep.c (a whole
- * float32 decoding step), gelu.c (tanh-GELU for training) and rowattn.c (attention over packed
- * rows) share. */
+ * float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c (attention over packed
+ * rows) and causal.c (causal attention for training) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
@@ -42,6 +42,9 @@ void qk_rope(float *x, int64_t n, int64_t hd, const float *cos, const float *sin
 /* a . b in 8 running sums (a form compilers vectorise; one running sum is a chain they may not reorder). */
 float qk_dot(const float *a, const float *b, int64_t n);
 
+/* t rounded up to a multiple of 16 (the attention kernels' key tiles) */
+static inline int64_t pad16(int64_t t) { return (t + 15) & ~(int64_t)15; }
+
 /* Elements of float32 (bf = 0) or bfloat16 (bf = 1) arrays as float; bfloat16 rounded to nearest even. */
 static inline float bf16_float(uint16_t h) {
     const uint32_t b = (uint32_t)h << 16;
@@ -74,4 +77,6 @@ PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gelu_tanh(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_causal_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_causal_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

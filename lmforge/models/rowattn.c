@@ -31,13 +31,11 @@ typedef struct {
     int bf;
 } rowattn;
 
-/* One task's scratch: kt (hd x tp), vb (t x hd), s (4 x tp), acc (4 x hd), all float32; tp = t
- * rounded up to 16. */
+/* One task's scratch: kt (hd x tp), vb (t x hd), s (4 x tp), acc (8 x hd: queries, then outputs),
+ * all float32; tp = t rounded up to 16. */
 typedef struct {
     float *kt, *vb, *s, *acc;
 } scratch;
-
-static int64_t pad16(int64_t t) { return (t + 15) & ~(int64_t)15; }
 
 /* k's rows r0.. of head g, transposed into kt (zeros past t), and v's into vb */
 static void stage(const rowattn *a, int64_t r0, int64_t t, int64_t g, const scratch *w) {
@@ -72,18 +70,6 @@ static void query1(const rowattn *a, int64_t r, int64_t h, int64_t t, const scra
 }
 
 #ifdef RA_X86
-AVX2 static float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-AVX2 static float hsum8(__m256 v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
-
 /* up to four queries i0.. (nq of them) at once, in eight lanes: scores for 4 queries x 16 keys
  * per step over hd, the weighted sum for 4 queries x 16 of hd per step over the keys; enough
  * independent sums to keep two FMA units busy. kt padded to a multiple of 16 keys; hd a
@@ -95,61 +81,15 @@ AVX2 static void tile8(const rowattn *a, int64_t r0, int64_t i0, int nq, int64_t
         const int64_t qr = (r0 + i0 + (r < nq ? r : 0)) * a->qs + h * hd;
         for (int64_t d = 0; d < hd; d++) qv[r * hd + d] = a->scale * load1(a->q, qr + d, a->bf);
     }
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int64_t c = 0; c < tp; c += 16) {
-        __m256 acc[4][2];
-        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hd; d++) {
-            const __m256 k0 = _mm256_loadu_ps(w->kt + d * tp + c), k1 = _mm256_loadu_ps(w->kt + d * tp + c + 8);
-            for (int r = 0; r < 4; r++) {
-                const __m256 q = _mm256_set1_ps(qv[r * hd + d]);
-                acc[r][0] = _mm256_fmadd_ps(q, k0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(q, k1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < 4; r++) {
-            _mm256_storeu_ps(s + r * tp + c, acc[r][0]);
-            _mm256_storeu_ps(s + r * tp + c + 8, acc[r][1]);
-        }
-    }
+    scores4(qv, w->kt, tp, tp, hd, s);
     float inv[4];
-    for (int r = 0; r < 4; r++) {
-        float *sr = s + r * tp;
-        __m256 mx = _mm256_set1_ps(-INFINITY);
-        for (int64_t c = 0; c < tp; c += 8) {
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(t - c)), lane));
-            mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sr + c), keep));
-        }
-        const __m256 m = _mm256_set1_ps(hmax8(mx));
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t c = 0; c < tp; c += 8) { /* keys past t get weight 0 */
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(t - c)), lane));
-            const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m)), keep);
-            _mm256_storeu_ps(sr + c, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        inv[r] = 1.f / hsum8(sum);
-    }
-    for (int64_t d = 0; d < hd; d += 16) {
-        const int two = d + 16 <= hd; /* else the last 8 of hd */
-        __m256 o[4][2];
-        for (int r = 0; r < 4; r++) o[r][0] = o[r][1] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < t; j++) {
-            const __m256 v0 = _mm256_loadu_ps(w->vb + j * hd + d);
-            const __m256 v1 = two ? _mm256_loadu_ps(w->vb + j * hd + d + 8) : v0;
-            for (int r = 0; r < 4; r++) {
-                const __m256 p = _mm256_set1_ps(s[r * tp + j]);
-                o[r][0] = _mm256_fmadd_ps(p, v0, o[r][0]);
-                o[r][1] = _mm256_fmadd_ps(p, v1, o[r][1]);
-            }
-        }
-        for (int r = 0; r < nq; r++) {
-            const int64_t orow = (r0 + i0 + r) * a->os + h * hd + d;
-            const __m256 sc = _mm256_set1_ps(inv[r]);
-            store8(a->out, orow, _mm256_mul_ps(o[r][0], sc), a->bf);
-            if (two) store8(a->out, orow + 8, _mm256_mul_ps(o[r][1], sc), a->bf);
-        }
-    }
+    for (int r = 0; r < 4; r++) softmax_row(s + r * tp, t - 1, tp, inv + r); /* keys past t get weight 0 */
+    float *acc = w->acc + 4 * hd;
+    rowsum4(s, tp, w->vb, hd, t, hd, acc);
+    for (int r = 0; r < nq; r++)
+        for (int64_t d = 0; d < hd; d += 8)
+            store8(a->out, (r0 + i0 + r) * a->os + h * hd + d,
+                   _mm256_mul_ps(_mm256_loadu_ps(acc + r * hd + d), _mm256_set1_ps(inv[r])), a->bf);
 }
 #endif
 
@@ -181,7 +121,7 @@ PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 #ifdef RA_X86
     simd = hd % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
-    const size_t floats = (size_t)(hd * pad16(tmax) + tmax * hd + 4 * pad16(tmax) + 4 * hd);
+    const size_t floats = (size_t)(hd * pad16(tmax) + tmax * hd + 4 * pad16(tmax) + 8 * hd);
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel

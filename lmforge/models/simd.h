@@ -1,5 +1,5 @@
-/* AVX2 pieces that fstep.c (a float32 decoding step), gelu.c (tanh-GELU for training) and rowattn.c
- * (attention over packed rows) share.
+/* AVX2 pieces that fstep.c (a float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c
+ * (attention over packed rows) and causal.c (causal attention for training) share.
  * Include after <immintrin.h>, on x86-64 with GCC or clang; the functions are compiled for
  * AVX2 and FMA by attribute, so callers choose them at run time (__builtin_cpu_supports). */
 #ifndef LMFORGE_SIMD_H
@@ -26,6 +26,19 @@ AVX2 static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* the largest, and the sum, of the eight lanes */
+AVX2 static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* eight elements from i of a float32 (bf = 0) or bfloat16 (bf = 1) array, and back (rounded to
  * nearest even, as qkernel.h's float_bf16; NaN aside) */
 AVX2 static inline __m256 load8(const void *p, int64_t i, int bf) {
@@ -44,6 +57,77 @@ AVX2 static inline void store8(void *p, int64_t i, __m256 v, int bf) {
     b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
     _mm_storeu_si128((__m128i *)((uint16_t *)p + i),
                      _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+/* Attention in tiles of 4 queries (rowattn.c, causal.c), the keys staged transposed in mt (hd x tp) */
+
+/* s (4 x tp) = a (4 x hd) times the staged mt (hd x tp), columns 0 .. n (a multiple of 16) */
+AVX2 static inline void scores4(const float *a, const float *mt, int64_t tp, int64_t n, int64_t hd, float *s) {
+    for (int64_t c = 0; c < n; c += 16) {
+        __m256 acc[4][2];
+        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd; d++) {
+            const __m256 k0 = _mm256_loadu_ps(mt + d * tp + c), k1 = _mm256_loadu_ps(mt + d * tp + c + 8);
+            for (int r = 0; r < 4; r++) {
+                const __m256 x = _mm256_set1_ps(a[r * hd + d]);
+                acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            _mm256_storeu_ps(s + r * tp + c, acc[r][0]);
+            _mm256_storeu_ps(s + r * tp + c + 8, acc[r][1]);
+        }
+    }
+}
+
+/* acc (4 x hd) = w (4 x tp, columns 0 .. n) times the rows m_j (stride ms); hd a multiple of 8 */
+AVX2 static inline void rowsum4(const float *w, int64_t tp, const float *m, int64_t ms, int64_t n, int64_t hd,
+                                float *acc) {
+    for (int64_t d = 0; d < hd; d += 16) {
+        const int two = d + 16 <= hd; /* else the last 8 of hd */
+        __m256 o[4][2];
+        for (int r = 0; r < 4; r++) o[r][0] = o[r][1] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 m0 = _mm256_loadu_ps(m + j * ms + d), m1 = two ? _mm256_loadu_ps(m + j * ms + d + 8) : m0;
+            for (int r = 0; r < 4; r++) {
+                const __m256 x = _mm256_set1_ps(w[r * tp + j]);
+                o[r][0] = _mm256_fmadd_ps(x, m0, o[r][0]);
+                o[r][1] = _mm256_fmadd_ps(x, m1, o[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            _mm256_storeu_ps(acc + r * hd + d, o[r][0]);
+            if (two) _mm256_storeu_ps(acc + r * hd + d + 8, o[r][1]);
+        }
+    }
+}
+
+/* row s (n columns, the keys 0 .. last visible; last = -1: none) → e^(s_j - max) for the visible
+ * keys, 0 for the rest; *inv = 1 / their sum (0 for none). Returns the max. */
+AVX2 static inline float softmax_row(float *s, int64_t last, int64_t n, float *inv) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < n; c += 8) {
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(last + 1 - c)), lane));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + c), keep));
+    }
+    const float m = hmax8(mx);
+    if (last < 0) {
+        for (int64_t j = 0; j < n; j++) s[j] = 0.f;
+        *inv = 0.f;
+        return m;
+    }
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t c = 0; c < n; c += 8) { /* n rounded up to 8 stays within the row's 16-padded columns */
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(last + 1 - c)), lane));
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv)), keep);
+        _mm256_storeu_ps(s + c, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    *inv = 1.f / hsum8(sum);
+    return m;
 }
 
 #endif

@@ -185,3 +185,52 @@ def test_rows_pay_measures_a_bounded_probe(monkeypatch):
     assert at.rows_pay(5000, 300, 2, 2, 8, torch.float32)
     assert shapes and all(s[0] <= at.ROWS_PROBE for s in shapes)
     assert list(at._ROWS) == [(at.ROWS_PROBE // 512, 512, 2, 2, 8, torch.float32)]
+
+
+causal_kernel = pytest.mark.skipif(not at._CAUSAL_C, reason="the C kernels are not built here (or no AVX2)")
+
+
+@causal_kernel
+@pytest.mark.parametrize("B,H,T,hd", [(2, 3, 37, 16), (1, 2, 5, 32), (2, 2, 64, 64)])
+def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
+    """Output and the three gradients against SDPA in float64, with q, k and v strided views of one
+    projection (B, T, 3·H·hd) as the attention layer makes them; T not a multiple of 8 or 16."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
+    q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in x.split(H * hd, -1))
+    grad = torch.randn(B, H, T, hd, generator=g)
+    y = at.CausalAttention.apply(q, k, v, 0.3)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    q64, k64, v64 = (t.view(B, T, H, hd).transpose(1, 2) for t in x64.split(H * hd, -1))
+    want = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True, scale=0.3)
+    want.backward(grad.double())
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    assert ((x.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
+
+
+@causal_kernel
+def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
+    """attend takes the kernel for float32 causal training without a mask, dropout or GQA exactly
+    where causal_pays (measured once per power-of-two length, with the training margin) says so."""
+    calls, used = [], []
+    monkeypatch.setattr(at, "_CAUSAL", {})
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) % 2 else 0.6))
+    real = at.CausalAttention.apply
+    monkeypatch.setattr(at.CausalAttention, "apply", lambda *a: used.append(1) or real(*a))
+    q, k, v = (t.float().detach().requires_grad_() for t in _qkv(T=12, S=12, D=16))
+    at.attend(q, k, v, is_causal=True)
+    at.attend(q, k, v, is_causal=True)
+    assert calls == [1, 1] and used == [1, 1]  # SDPA 1.0 s, the kernel 0.6 s: past the 1.5x margin
+    at.attend(q[:, :, :9], k[:, :, :9], v[:, :, :9], is_causal=True)
+    assert len(calls) == 2  # 9 and 12 tokens share the bucket of 16
+    with torch.no_grad():
+        at.attend(q, k, v, is_causal=True)  # inference
+    at.attend(q, k, v, is_causal=True, dropout_p=0.1)
+    at.attend(q, k, v, mask=torch.zeros(1, 1, 12, 12))
+    at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    assert used == [1, 1, 1]
+    at._CAUSAL.clear()
+    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) % 2 else 0.8))
+    at.attend(q, k, v, is_causal=True)
+    assert used == [1, 1, 1]  # 1.25x is within the margin: SDPA
