@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.models import qkernel  # the optional C kernels (setup.py): attention over packed rows
-from lmforge.nn.measure import best_time, bucket, probe
+from lmforge.nn.measure import best_time, bucket, median_ratio, probe
 
 MARGIN = 1.5
 REPEATS = 8  # timed runs of each path: fresh (B, H, T, S) buffers make the first few slow
@@ -46,6 +46,7 @@ _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal, inference -> whether 
 ROWS_PROBE = 8192  # rows_pay measures at most this many packed rows (sequences x longest)
 _ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
 _CAUSAL: dict[tuple, bool] = {}  # (B, H, T rounded up to a power of two, hd) -> causal_pays
+CAUSAL_MIN_SCORES = 1 << 18  # B·H·T·T below which causal_pays keeps SDPA without measuring
 # lmforge/models/causal.c: AVX2 and FMA, float32
 _CAUSAL_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -243,16 +244,20 @@ class CausalAttention(torch.autograd.Function):
 
 def causal_pays(B: int, H: int, T: int, hd: int) -> bool:
     """Whether `CausalAttention`'s forward and backward run at least `MARGIN` times as fast as
-    SDPA's here, measured once per process and shape (T rounded up to a power of two): the margin
-    keeps noise from flipping the choice between processes, so that a resumed run takes the same
-    path (the two sum in different orders)."""
+    SDPA's here: the median ratio of rounds timing the two in turn (`median_ratio`), measured once
+    per process and shape (T rounded up to a power of two). The margin keeps noise from flipping
+    the choice between processes, so that a resumed run (or another rank) takes the same path (the
+    two sum in different orders); under `CAUSAL_MIN_SCORES` scores, where a step takes tens of
+    microseconds and the kernel gains little, it is not measured and SDPA stays."""
     key = (B, H, bucket(T), hd)
     if key not in _CAUSAL:
+        if B * H * key[2] * key[2] < CAUSAL_MIN_SCORES:
+            _CAUSAL[key] = False
+            return False
         qs, ks, vs = (probe(B, H, key[2], hd).requires_grad_() for _ in range(3))
         grad = probe(B, H, key[2], hd)
         with torch.enable_grad():
-            fused = best_time(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(grad),
-                              REPEATS)
-            _CAUSAL[key] = best_time(lambda: CausalAttention.apply(qs, ks, vs, hd ** -0.5).backward(grad),
-                                     REPEATS) * MARGIN <= fused
+            ratio = median_ratio(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(grad),
+                                 lambda: CausalAttention.apply(qs, ks, vs, hd ** -0.5).backward(grad), REPEATS)
+        _CAUSAL[key] = ratio >= MARGIN
     return _CAUSAL[key]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.nn.measure import bucket, probe
+from lmforge.nn.measure import bucket, median_ratio, probe
 
 
 # Inference (no gradients) on CPU in float32 goes through oneDNN; off with LMFORGE_ONEDNN=0.
@@ -121,18 +121,9 @@ def onednn_fuses(d_in: int, d_out: int, rows: int, act: str | None = None, fn=No
 
 
 def _median_ratio(mkl, dnn, rounds: int) -> float:
-    """The median over `rounds` alternating runs of (time of mkl()) / (time of dnn()), after a
-    round that warms both up; without gradients."""
-    ratios = []
+    """`median_ratio` of the two without gradients."""
     with torch.no_grad():
-        for i in range(rounds + 1):
-            t0 = time.perf_counter()
-            mkl()
-            t1 = time.perf_counter()
-            dnn()
-            if i:
-                ratios.append((t1 - t0) / (time.perf_counter() - t1))
-    return statistics.median(ratios)
+        return median_ratio(mkl, dnn, rounds)
 
 
 class DnnLinear(torch.autograd.Function):

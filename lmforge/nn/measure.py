@@ -10,6 +10,7 @@ path is not assumed: `best_time` times it here, on the model's own shapes, once 
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -42,6 +43,21 @@ def best_time(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def median_ratio(a, b, rounds: int) -> float:
+    """The median over `rounds` alternating runs of (time of a()) / (time of b()), after a round
+    that warms both up: a burst of load on the machine slows both sides of a round alike, where
+    timing all of a's runs and then all of b's would put it on one side."""
+    ratios = []
+    for i in range(rounds + 1):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        if i:
+            ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return statistics.median(ratios)
 
 
 def bf16_pays(d_in: int, d_out: int, rows: int, device: torch.device | str = "cpu", repeats: int = 3) -> bool:

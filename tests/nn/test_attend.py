@@ -212,18 +212,20 @@ def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
 @causal_kernel
 def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     """attend takes the kernel for float32 causal training without a mask, dropout or GQA exactly
-    where causal_pays (measured once per power-of-two length, with the training margin) says so."""
+    where causal_pays (the median ratio of alternating rounds, measured once per power-of-two
+    length, with the training margin) says so; below CAUSAL_MIN_SCORES it keeps SDPA unmeasured."""
     calls, used = [], []
     monkeypatch.setattr(at, "_CAUSAL", {})
-    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) % 2 else 0.6))
+    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 1)
+    monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.6)
     real = at.CausalAttention.apply
     monkeypatch.setattr(at.CausalAttention, "apply", lambda *a: used.append(1) or real(*a))
     q, k, v = (t.float().detach().requires_grad_() for t in _qkv(T=12, S=12, D=16))
     at.attend(q, k, v, is_causal=True)
     at.attend(q, k, v, is_causal=True)
-    assert calls == [1, 1] and used == [1, 1]  # SDPA 1.0 s, the kernel 0.6 s: past the 1.5x margin
+    assert calls == [1] and used == [1, 1]  # SDPA 1.6x the kernel's time: past the 1.5x margin
     at.attend(q[:, :, :9], k[:, :, :9], v[:, :, :9], is_causal=True)
-    assert len(calls) == 2  # 9 and 12 tokens share the bucket of 16
+    assert len(calls) == 1  # 9 and 12 tokens share the bucket of 16
     with torch.no_grad():
         at.attend(q, k, v, is_causal=True)  # inference
     at.attend(q, k, v, is_causal=True, dropout_p=0.1)
@@ -231,6 +233,10 @@ def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
     assert used == [1, 1, 1]
     at._CAUSAL.clear()
-    monkeypatch.setattr(at, "best_time", lambda fn, repeats: calls.append(1) or (1.0 if len(calls) % 2 else 0.8))
+    monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.25)
     at.attend(q, k, v, is_causal=True)
-    assert used == [1, 1, 1]  # 1.25x is within the margin: SDPA
+    assert used == [1, 1, 1] and len(calls) == 2  # 1.25x is within the margin: SDPA
+    at._CAUSAL.clear()
+    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 2 * 3 * 16 * 16 + 1)
+    at.attend(q, k, v, is_causal=True)
+    assert used == [1, 1, 1] and len(calls) == 2  # too small to measure: SDPA
