@@ -214,8 +214,8 @@ def _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) -> bool:
 class CausalAttention(torch.autograd.Function):
     """Causal self-attention in float32 for training by lmforge's C kernel (lmforge/models/causal.c:
     FlashAttention's recomputation per (batch, head), one head's keys whole in cache). On a 2-core
-    Zen 4 EPYC, 8 x 6 heads x 256 x 64 (a GPT-2-like layer), forward and backward: 12.9 ms
-    against SDPA's 21.3. Taken where `causal_pays`."""
+    Zen 4 EPYC, 8 x 6 heads x 256 x 64 (a GPT-2-like layer), forward and backward: 10.3-12.1 ms
+    against SDPA's 21.2-24.0. Taken where `causal_pays`."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
 import torch.nn as nn
