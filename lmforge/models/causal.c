@@ -9,7 +9,9 @@
  * like head is 256 x 64.) Each product runs on tiles of 4 queries x 16 keys, or 4 queries x 16 of
  * hd, in AVX2 + FMA; the keys (and for the backward the values) are staged transposed once per
  * head. q, k and v are (B, H, T, hd) with strides (sb, sh, st) and unit stride along hd (views of
- * one projection need no copy); o, do, lse and the gradients are contiguous. hd a multiple of 16.
+ * one projection need no copy); o, do and the gradients have strides (ob, oh, ot) (a (B, T, H, hd)
+ * layout spares the caller its transposing copies), unit stride along hd; lse (B, H, T) is
+ * contiguous. hd a multiple of 16.
  * The (batch, head) tasks are shared among torch's OpenMP threads (see qkernel.c). The caller
  * checks shapes, strides and the CPU (AVX2 and FMA). */
 #include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
@@ -22,7 +24,7 @@
 
 typedef struct {
     const float *q, *k, *v;
-    int64_t B, H, T, hd, sb, sh, st;
+    int64_t B, H, T, hd, sb, sh, st, ob, oh, ot;
     float scale;
 } heads;
 
@@ -49,58 +51,17 @@ AVX2 static void outer4(const float *w, int64_t tp, const float *x, int64_t n, i
     }
 }
 
-/* the backward's row: p_j = e^(scale s_j - lse) for the visible keys (0 past last), and in dp
- * ds_j = p_j (dp_j - D) scale */
-AVX2 static void grad_row(float *s, float *dp, int64_t last, int64_t n, float scale, float lse, float D) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 sc = _mm256_set1_ps(scale), l = _mm256_set1_ps(lse), dv = _mm256_set1_ps(D);
-    for (int64_t c = 0; c < n; c += 8) {
-        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(last + 1 - c)), lane));
-        const __m256 p = _mm256_and_ps(exp8(_mm256_fmsub_ps(sc, _mm256_loadu_ps(s + c), l)), keep);
-        _mm256_storeu_ps(s + c, p);
-        _mm256_storeu_ps(dp + c, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + c), dv)), sc));
-    }
-}
-
 /* rows i0 .. i0 + nq of the head at p (stride st) into x (4 x hd), times f; missing rows 0 */
 static void rows4(const float *p, int64_t st, int64_t i0, int nq, int64_t hd, float f, float *x) {
     for (int r = 0; r < 4; r++)
         for (int64_t d = 0; d < hd; d++) x[r * hd + d] = r < nq ? f * p[(i0 + r) * st + d] : 0.f;
 }
 
-/* the head at p (T rows of stride st) transposed into mt (hd x tp), zeros past T: 8 x 8 blocks
- * transposed in registers, the rows past the last whole block one by one */
-AVX2 static void stage_t(const float *p, int64_t st, int64_t T, int64_t hd, int64_t tp, float *mt) {
-    const int64_t whole = T & ~(int64_t)7;
-    for (int64_t j = 0; j < whole; j += 8)
-        for (int64_t d = 0; d < hd; d += 8) {
-            __m256 r[8], t[8];
-            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(p + (j + i) * st + d);
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4)
-                for (int h = 0; h < 2; h++) {
-                    r[i + h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0x44);
-                    r[i + h + 2] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0xEE);
-                }
-            /* r[0], r[2], r[1], r[3] hold columns 0, 1, 2, 3 of rows 0-3 (low lanes) and ... */
-            const int order[4] = {0, 2, 1, 3};
-            for (int c = 0; c < 4; c++) {
-                _mm256_storeu_ps(mt + (d + c) * tp + j, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x20));
-                _mm256_storeu_ps(mt + (d + c + 4) * tp + j, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x31));
-            }
-        }
-    for (int64_t j = whole; j < tp; j++)
-        for (int64_t d = 0; d < hd; d++) mt[d * tp + j] = j < T ? p[j * st + d] : 0.f;
-}
-
 static void forward_head(const heads *a, int64_t b, int64_t h, float *o, float *lse, float *buf) {
     const int64_t T = a->T, hd = a->hd, tp = pad16(T), st = a->st, off = b * a->sb + h * a->sh;
     const float *q = a->q + off, *k = a->k + off, *v = a->v + off;
     float *kt = buf, *s = kt + hd * tp, *x = s + 4 * tp, *acc = x + 4 * hd;
-    o += (b * a->H + h) * T * hd;
+    o += b * a->ob + h * a->oh;
     lse += (b * a->H + h) * T;
     stage_t(k, st, T, hd, tp, kt);
     for (int64_t i0 = 0; i0 < T; i0 += 4) {
@@ -116,56 +77,60 @@ static void forward_head(const heads *a, int64_t b, int64_t h, float *o, float *
         }
         rowsum4(s, tp, v, st, n, hd, acc);
         for (int r = 0; r < nq; r++)
-            for (int64_t d = 0; d < hd; d++) o[(i0 + r) * hd + d] = acc[r * hd + d] * inv[r];
+            for (int64_t d = 0; d < hd; d++) o[(i0 + r) * a->ot + d] = acc[r * hd + d] * inv[r];
     }
 }
 
 static void backward_head(const heads *a, int64_t b, int64_t h, const float *o, const float *dout, const float *lse,
                           float *dq, float *dk, float *dv, float *buf) {
     const int64_t T = a->T, hd = a->hd, tp = pad16(T), st = a->st, off = b * a->sb + h * a->sh;
-    const int64_t ho = (b * a->H + h) * T * hd;
+    const int64_t ho = b * a->ob + h * a->oh, ot = a->ot;
     const float *q = a->q + off, *k = a->k + off, *v = a->v + off;
     float *kt = buf, *vt = kt + hd * tp, *p = vt + hd * tp, *dp = p + 4 * tp, *xq = dp + 4 * tp, *xd = xq + 4 * hd,
-          *acc = xd + 4 * hd;
+          *acc = xd + 4 * hd, *dkc = acc + 4 * hd, *dvc = dkc + T * hd; /* dk, dv summed contiguous */
     o += ho, dout += ho, lse += (b * a->H + h) * T, dq += ho, dk += ho, dv += ho;
     stage_t(k, st, T, hd, tp, kt);
     stage_t(v, st, T, hd, tp, vt);
-    for (int64_t i = 0; i < T * hd; i++) dk[i] = dv[i] = 0.f;
+    memset(dkc, 0, (size_t)(2 * T * hd) * sizeof *dkc);
     for (int64_t i0 = 0; i0 < T; i0 += 4) {
         const int nq = T - i0 < 4 ? (int)(T - i0) : 4;
         const int64_t n = i0 + nq;
         rows4(q, st, i0, nq, hd, 1.f, xq);
-        rows4(dout, hd, i0, nq, hd, 1.f, xd);
+        rows4(dout, ot, i0, nq, hd, 1.f, xd);
         scores4(xq, kt, tp, pad16(n), hd, p);
         scores4(xd, vt, tp, pad16(n), hd, dp);
         for (int r = 0; r < 4; r++) {
             const int64_t last = r < nq ? i0 + r : -1;
             float D = 0.f;
-            for (int64_t d = 0; d < hd && r < nq; d++) D += xd[r * hd + d] * o[(i0 + r) * hd + d];
+            for (int64_t d = 0; d < hd && r < nq; d++) D += xd[r * hd + d] * o[(i0 + r) * ot + d];
             grad_row(p + r * tp, dp + r * tp, last, n, a->scale, r < nq ? lse[i0 + r] : 0.f, D);
         }
         rowsum4(dp, tp, k, st, n, hd, acc);
         for (int r = 0; r < nq; r++)
-            for (int64_t d = 0; d < hd; d++) dq[(i0 + r) * hd + d] = acc[r * hd + d];
-        outer4(p, tp, xd, n, hd, dv);
-        outer4(dp, tp, xq, n, hd, dk);
+            for (int64_t d = 0; d < hd; d++) dq[(i0 + r) * ot + d] = acc[r * hd + d];
+        outer4(p, tp, xd, n, hd, dvc);
+        outer4(dp, tp, xq, n, hd, dkc);
+    }
+    for (int64_t j = 0; j < T; j++) {
+        memcpy(dk + j * ot, dkc + j * hd, (size_t)hd * sizeof *dk);
+        memcpy(dv + j * ot, dvc + j * hd, (size_t)hd * sizeof *dv);
     }
 }
 
-/* forward: causal_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, scale);
- * backward: causal_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, scale) */
+/* forward: causal_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale);
+ * backward: causal_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale) */
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
     void *p[9];
-    int64_t v[7];
+    int64_t v[10];
     const int np = back ? 9 : 5;
-    const char *usage = back ? "causal_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, scale)"
-                             : "causal_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, scale)";
-    if (nargs != np + 8) {
-        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + 8);
+    const char *usage = back ? "causal_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)"
+                             : "causal_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)";
+    if (nargs != np + 11) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + 11);
         return NULL;
     }
-    if (qk_read_args(args, np + 7, np + 7, usage, p, np, v)) return NULL;
-    const double scale = PyFloat_AsDouble(args[np + 7]);
+    if (qk_read_args(args, np + 10, np + 10, usage, p, np, v)) return NULL;
+    const double scale = PyFloat_AsDouble(args[np + 10]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
     if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[3] % 16) {
         PyErr_Format(PyExc_ValueError, "causal attention: B=%lld, H=%lld, T=%lld, hd=%lld do not fit (hd a multiple of 16)",
@@ -173,8 +138,8 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
         return NULL;
     }
     const int qi = back ? 3 : 2;
-    const heads a = {p[qi], p[qi + 1], p[qi + 2], v[0], v[1], v[2], v[3], v[4], v[5], v[6], (float)scale};
-    const int64_t tp = pad16(a.T), floats = 2 * a.hd * tp + 8 * tp + 12 * a.hd;
+    const heads a = {p[qi], p[qi + 1], p[qi + 2], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], (float)scale};
+    const int64_t tp = pad16(a.T), floats = 2 * a.hd * tp + 8 * tp + 12 * a.hd + 2 * a.T * a.hd;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel

@@ -1,5 +1,5 @@
 /* AVX2 pieces that fstep.c (a float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c
- * (attention over packed rows) and causal.c (causal attention for training) share.
+ * (attention over packed rows), causal.c and causal16.c (causal attention for training) share.
  * Include after <immintrin.h>, on x86-64 with GCC or clang; the functions are compiled for
  * AVX2 and FMA by attribute, so callers choose them at run time (__builtin_cpu_supports). */
 #ifndef LMFORGE_SIMD_H
@@ -128,6 +128,47 @@ AVX2 static inline float softmax_row(float *s, int64_t last, int64_t n, float *i
     }
     *inv = 1.f / hsum8(sum);
     return m;
+}
+
+/* the backward's row: p_j = e^(scale s_j - lse) for the visible keys (0 past last), and in dp
+ * ds_j = p_j (dp_j - D) scale */
+AVX2 static inline void grad_row(float *s, float *dp, int64_t last, int64_t n, float scale, float lse, float D) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 sc = _mm256_set1_ps(scale), l = _mm256_set1_ps(lse), dv = _mm256_set1_ps(D);
+    for (int64_t c = 0; c < n; c += 8) {
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(last + 1 - c)), lane));
+        const __m256 p = _mm256_and_ps(exp8(_mm256_fmsub_ps(sc, _mm256_loadu_ps(s + c), l)), keep);
+        _mm256_storeu_ps(s + c, p);
+        _mm256_storeu_ps(dp + c, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + c), dv)), sc));
+    }
+}
+
+/* the head at p (T rows of stride st) transposed into mt (hd x tp), zeros past T: 8 x 8 blocks
+ * transposed in registers, the rows past the last whole block one by one */
+AVX2 static inline void stage_t(const float *p, int64_t st, int64_t T, int64_t hd, int64_t tp, float *mt) {
+    const int64_t whole = T & ~(int64_t)7;
+    for (int64_t j = 0; j < whole; j += 8)
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 r[8], t[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(p + (j + i) * st + d);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4)
+                for (int h = 0; h < 2; h++) {
+                    r[i + h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0x44);
+                    r[i + h + 2] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], 0xEE);
+                }
+            /* r[0], r[2], r[1], r[3] hold columns 0, 1, 2, 3 of rows 0-3 (low lanes) and ... */
+            const int order[4] = {0, 2, 1, 3};
+            for (int c = 0; c < 4; c++) {
+                _mm256_storeu_ps(mt + (d + c) * tp + j, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x20));
+                _mm256_storeu_ps(mt + (d + c + 4) * tp + j, _mm256_permute2f128_ps(r[order[c]], r[4 + order[c]], 0x31));
+            }
+        }
+    for (int64_t j = whole; j < tp; j++)
+        for (int64_t d = 0; d < hd; d++) mt[d * tp + j] = j < T ? p[j * st + d] : 0.f;
 }
 
 #endif

@@ -3,7 +3,7 @@ measure faster (bfloat16 training; inference over short sequences).
 
     attend       softmax(q k^T · scale + mask) v, as F.scaled_dot_product_attention
     attend_rows  the same over packed rows (each sequence's real tokens), without gradients
-    CausalAttention  causal self-attention in float32 for training, by a C kernel where it pays
+    CausalAttention  causal self-attention for training (float32, bfloat16), by C kernels where they pay
 
 On CPU, SDPA's flash kernel runs its backward in bfloat16 at a fraction of the matrix
 instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), batch 16 × 6
@@ -45,10 +45,12 @@ MAX_SCORES = 1 << 23  # B·H·T·S: 32 MB of float32 scores
 _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal, inference -> whether the explicit products pay
 ROWS_PROBE = 8192  # rows_pay measures at most this many packed rows (sequences x longest)
 _ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
-_CAUSAL: dict[tuple, bool] = {}  # (B, H, T rounded up to a power of two, hd) -> causal_pays
+_CAUSAL: dict[tuple, bool] = {}  # (B, H, T rounded up to a power of two, hd, dtype) -> causal_pays
 CAUSAL_MIN_SCORES = 1 << 18  # B·H·T·T below which causal_pays keeps SDPA without measuring
-# lmforge/models/causal.c: AVX2 and FMA, float32
+# lmforge/models/causal.c: AVX2 and FMA, float32; causal16.c: AVX512-BF16, bfloat16
 _CAUSAL_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_CAUSAL_BF16 = (_CAUSAL_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                and torch.cpu._is_avx512_bf16_supported() and hasattr(qkernel._qkernel, "causal16_forward"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -56,8 +58,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            gqa: bool = False) -> torch.Tensor:
     """q (B, H, T, hd), k and v (B, KV, S, hd), mask additive and broadcastable to (B, H, T, S)
     (or None), is_causal applying when there is no mask. Returns (B, H, T, hd)."""
-    if _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) and causal_pays(*q.shape):
+    if _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) and causal_pays(*q.shape, q.dtype):
         return CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    return _attend_torch(q, k, v, mask, is_causal, dropout_p, scale, gqa)
+
+
+def _attend_torch(q, k, v, mask, is_causal, dropout_p, scale, gqa):
+    """`attend` without lmforge's C kernels: torch's products or SDPA."""
     if _may_be_explicit(q, k, gqa) and _explicit_pays(q, k, v, mask, is_causal and mask is None):
         return _explicit(q, k, v, mask, is_causal and mask is None, dropout_p, scale)
     if _may_infer(q, k, gqa, is_causal and mask is None) and _explicit_pays(q, k, v, mask, False, infer=True):
@@ -205,26 +212,34 @@ def rows_pay(sequences: int, longest: int, n_heads: int, n_kv: int, hd: int, dty
 
 
 def _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) -> bool:
-    return (_CAUSAL_C and is_causal and mask is None and not dropout_p and not gqa and q.device.type == "cpu"
-            and q.dtype == k.dtype == v.dtype == torch.float32 and q.shape == k.shape == v.shape
-            and q.shape[-1] % 16 == 0 and q.shape[2] > 1 and torch.is_grad_enabled()
+    if q.dtype == torch.float32:
+        kernel, multiple = _CAUSAL_C, 16
+    else:
+        kernel, multiple = _CAUSAL_BF16 and q.dtype == torch.bfloat16, 32
+    return (kernel and is_causal and mask is None and not dropout_p and not gqa and q.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype and q.shape == k.shape == v.shape
+            and q.shape[-1] % multiple == 0 and q.shape[2] > 1 and torch.is_grad_enabled()
             and any(t.requires_grad for t in (q, k, v)) and not torch.compiler.is_compiling())
 
 
 class CausalAttention(torch.autograd.Function):
-    """Causal self-attention in float32 for training by lmforge's C kernel (lmforge/models/causal.c:
-    FlashAttention's recomputation per (batch, head), one head's keys whole in cache). On a 2-core
-    Zen 4 EPYC, 8 x 6 heads x 256 x 64 (a GPT-2-like layer), forward and backward: 10.3-12.1 ms
-    against SDPA's 21.2-24.0. Taken where `causal_pays`."""
+    """Causal self-attention for training by lmforge's C kernels, FlashAttention's recomputation
+    per (batch, head) with one head's keys whole in cache: float32 (lmforge/models/causal.c, AVX2)
+    and bfloat16 (causal16.c, AVX512-BF16, float32 inside). The output and gradients come in a
+    (B, T, H, hd) layout, so the caller's transposes need no copy. On a 2-core Zen 4 EPYC, 8 x 6
+    heads x 256 x 64 (a GPT-2-like layer), forward and backward: float32 10.3-12.1 ms against
+    SDPA's 21.2-24.0; bfloat16 7.6-8.9 ms against 16-22 for `_explicit`'s products and 33-41 for
+    SDPA. Taken where `causal_pays`."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and all(s % 2 == 0 for s in q.stride()[:3])):
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, hd = q.shape
-        o, lse = q.new_empty(B, H, T, hd), q.new_empty(B, H, T)
-        qkernel._qkernel.causal_forward(o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                        B, H, T, hd, *q.stride()[:3], float(scale))
+        o, lse = q.new_empty(B, T, H, hd).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+        kernel = qkernel._qkernel.causal16_forward if q.dtype == torch.bfloat16 else qkernel._qkernel.causal_forward
+        kernel(o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, T, hd, *q.stride()[:3],
+               *o.stride()[:3], float(scale))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         return o
@@ -234,30 +249,34 @@ class CausalAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         B, H, T, hd = q.shape
-        do = do.contiguous()
-        dq, dk, dv = (q.new_empty(B, H, T, hd) for _ in range(3))
-        qkernel._qkernel.causal_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(),
-                                         v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(), B, H, T, hd,
-                                         *q.stride()[:3], float(ctx.scale))
+        if do.stride() != o.stride():
+            do = do.transpose(1, 2).contiguous().transpose(1, 2)
+        dq, dk, dv = (q.new_empty(B, T, H, hd).transpose(1, 2) for _ in range(3))
+        kernel = qkernel._qkernel.causal16_backward if q.dtype == torch.bfloat16 else qkernel._qkernel.causal_backward
+        kernel(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+               do.data_ptr(), lse.data_ptr(), B, H, T, hd, *q.stride()[:3], *o.stride()[:3], float(ctx.scale))
         return dq, dk, dv, None
 
 
-def causal_pays(B: int, H: int, T: int, hd: int) -> bool:
+def causal_pays(B: int, H: int, T: int, hd: int, dtype: torch.dtype = torch.float32) -> bool:
     """Whether `CausalAttention`'s forward and backward run at least `MARGIN` times as fast as
-    SDPA's here: the median ratio of rounds timing the two in turn (`median_ratio`), measured once
-    per process and shape (T rounded up to a power of two). The margin keeps noise from flipping
-    the choice between processes, so that a resumed run (or another rank) takes the same path (the
-    two sum in different orders); under `CAUSAL_MIN_SCORES` scores, where a step takes tens of
-    microseconds and the kernel gains little, it is not measured and SDPA stays."""
-    key = (B, H, bucket(T), hd)
+    `attend`'s torch path here (SDPA in float32; in bfloat16 `_explicit`'s products where they pay):
+    the median ratio of rounds timing the two in turn (`median_ratio`), measured once per process,
+    dtype and shape (T rounded up to a power of two). The margin keeps noise from flipping the
+    choice between processes, so that a resumed run (or another rank) takes the same path (the two
+    sum in different orders); under `CAUSAL_MIN_SCORES` scores, where a step takes tens of
+    microseconds and the kernel gains little, it is not measured and torch's path stays."""
+    key = (B, H, bucket(T), hd, dtype)
     if key not in _CAUSAL:
         if B * H * key[2] * key[2] < CAUSAL_MIN_SCORES:
             _CAUSAL[key] = False
             return False
-        qs, ks, vs = (probe(B, H, key[2], hd).requires_grad_() for _ in range(3))
-        grad = probe(B, H, key[2], hd)
+        # laid out as an attention layer's projections make them: (B, T, H, hd) viewed as (B, H, T, hd)
+        leaves = [probe(B, key[2], H, hd, dtype=dtype).requires_grad_() for _ in range(3)]
+        qs, ks, vs = (t.transpose(1, 2) for t in leaves)
+        grad = probe(B, key[2], H, hd, dtype=dtype).transpose(1, 2)
         with torch.enable_grad():
-            ratio = median_ratio(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(grad),
+            ratio = median_ratio(lambda: _attend_torch(qs, ks, vs, None, True, 0.0, None, False).backward(grad),
                                  lambda: CausalAttention.apply(qs, ks, vs, hd ** -0.5).backward(grad), REPEATS)
         _CAUSAL[key] = ratio >= MARGIN
     return _CAUSAL[key]

@@ -194,12 +194,14 @@ causal_kernel = pytest.mark.skipif(not at._CAUSAL_C, reason="the C kernels are n
 @pytest.mark.parametrize("B,H,T,hd", [(2, 3, 37, 16), (1, 2, 5, 32), (2, 2, 64, 64)])
 def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
     """Output and the three gradients against SDPA in float64, with q, k and v strided views of one
-    projection (B, T, 3·H·hd) as the attention layer makes them; T not a multiple of 8 or 16."""
+    projection (B, T, 3·H·hd) as the attention layer makes them; T not a multiple of 8 or 16. The
+    output comes laid out (B, T, H, hd), so the layer's transpose back is a view."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
     q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in x.split(H * hd, -1))
     grad = torch.randn(B, H, T, hd, generator=g)
     y = at.CausalAttention.apply(q, k, v, 0.3)
+    assert y.transpose(1, 2).is_contiguous()
     y.backward(grad)
     x64 = x.detach().double().requires_grad_()
     q64, k64, v64 = (t.view(B, T, H, hd).transpose(1, 2) for t in x64.split(H * hd, -1))
@@ -207,6 +209,36 @@ def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
     want.backward(grad.double())
     assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((x.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
+
+
+causal16_kernel = pytest.mark.skipif(not at._CAUSAL_BF16, reason="no bfloat16 C kernel here (needs AVX512-BF16)")
+
+
+@causal16_kernel
+@pytest.mark.parametrize("B,H,T,hd", [(1, 1, 5, 32), (2, 3, 37, 64), (2, 2, 16, 96), (1, 2, 100, 128)])
+def test_bfloat16_causal_kernel_is_as_close_as_sdpa(B, H, T, hd):
+    """The bfloat16 kernel's output and gradients against SDPA in float64 from the same bfloat16
+    inputs: within 2% of the largest value, and at most 1.5x the error of SDPA's own bfloat16
+    kernel (both round the probabilities to bfloat16 for their products); T not a multiple of the
+    16-query blocks or 32-key tiles."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, 3 * H * hd, generator=g).bfloat16().requires_grad_()
+    grad = torch.randn(B, T, H, hd, generator=g).bfloat16().transpose(1, 2)
+
+    def run(fn, dtype):
+        xs = x.detach().to(dtype).requires_grad_()
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in xs.split(H * hd, -1))
+        y = fn(q, k, v)
+        y.backward(grad.to(dtype))
+        return y.double(), xs.grad.double()
+
+    y, dx = run(lambda q, k, v: at.CausalAttention.apply(q, k, v, 0.2), torch.bfloat16)
+    y_sdpa, dx_sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2),
+                          torch.bfloat16)
+    y64, dx64 = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2), torch.float64)
+    for got, ref, want in ((y, y_sdpa, y64), (dx, dx_sdpa, dx64)):
+        err, ref_err = ((t - want).abs().max().item() / want.abs().max().item() for t in (got, ref))
+        assert err < 0.02 and err <= 1.5 * ref_err + 1e-3, (err, ref_err)
 
 
 @causal_kernel
@@ -230,7 +262,7 @@ def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
         at.attend(q, k, v, is_causal=True)  # inference
     at.attend(q, k, v, is_causal=True, dropout_p=0.1)
     at.attend(q, k, v, mask=torch.zeros(1, 1, 12, 12))
-    at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)  # bfloat16 wants hd % 32 == 0
     assert used == [1, 1, 1]
     at._CAUSAL.clear()
     monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.25)
@@ -240,3 +272,23 @@ def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 2 * 3 * 16 * 16 + 1)
     at.attend(q, k, v, is_causal=True)
     assert used == [1, 1, 1] and len(calls) == 2  # too small to measure: SDPA
+
+
+@causal16_kernel
+def test_bfloat16_causal_kernel_is_measured_on_its_own(monkeypatch):
+    """bfloat16 causal training takes the kernel where its own measurement (keyed by dtype, against
+    `attend`'s torch path) says so, and only with hd a multiple of 32."""
+    calls, used = [], []
+    monkeypatch.setattr(at, "_CAUSAL", {})
+    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 1)
+    monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.6)
+    real = at.CausalAttention.apply
+    monkeypatch.setattr(at.CausalAttention, "apply", lambda *a: used.append(a[0].dtype) or real(*a))
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(T=12, S=12, D=32))
+    at.attend(q, k, v, is_causal=True)
+    at.attend(q.float(), k.float(), v.float(), is_causal=True)
+    assert used == [torch.bfloat16, torch.float32] and len(calls) == 2
+    assert {key[-1] for key in at._CAUSAL} == {torch.bfloat16, torch.float32}
+    q48, k48, v48 = (t.detach().requires_grad_() for t in _qkv(T=12, S=12, D=48))
+    at.attend(q48, k48, v48, is_causal=True)
+    assert len(used) == 2

@@ -1,0 +1,322 @@
+/* Causal self-attention in bfloat16 for training under autocast, forward and backward, per
+ * (batch, head): causal.c's scheme (FlashAttention's recomputation from the log-sum-exp, Dao et
+ * al. 2022, one head's keys and values whole in cache) with every product on AVX512-BF16's pair
+ * dot product (vdpbf16ps: each float32 lane gains a0 b0 + a1 b1), so the operand that runs along
+ * a product's sum is staged in pairs along it:
+ *
+ *   s = q k^T, dp = do v^T          sum over hd: k and v as 32-bit pairs, transposed (hd/2 x keys)
+ *   o = p v, dq = ds k              sum over keys: v and k with rows paired (keys/2 x hd x 2)
+ *   dv^T = do^T p, dk^T = q^T ds    sum over a block's queries: p, ds, q and do with rows paired
+ *
+ * Scores, softmax, lse and the sums are float32; p and ds are rounded to bfloat16 for their
+ * products, as torch's flash kernel does in bfloat16. Queries come in blocks of QB. q, k and v
+ * are (B, H, T, hd) with strides (sb, sh, st); o, do, dq, dk and dv with strides (ob, oh, ot) (a
+ * (B, T, H, hd) layout spares the caller its transposing copies); unit stride along hd, even
+ * strides; lse (B, H, T) contiguous; hd a multiple of 32. The caller checks the CPU. */
+#include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
+#include <math.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
+#include <immintrin.h>
+#include "simd.h"
+
+#define BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define INLINE static inline __attribute__((always_inline))
+enum { QB = 16 }; /* queries per block: 8 pairs for the sums over queries */
+
+typedef struct {
+    const uint16_t *q, *k, *v;
+    int64_t B, H, T, hd, sb, sh, st, ob, oh, ot;
+    float scale;
+} heads16;
+
+static inline int64_t pad32(int64_t t) { return (t + 31) & ~(int64_t)31; }
+
+static inline uint32_t pair_at(const uint16_t *p) { /* two bfloat16 as one 32-bit lane */
+    uint32_t u;
+    memcpy(&u, p, sizeof u);
+    return u;
+}
+
+#define BCAST(u) ((__m512bh)_mm512_set1_epi32((int)(u)))
+#define LOADBH(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
+
+/* out (npairs x hd x 2) = rows 2 r2 and 2 r2 + 1 of x (stride xs) interleaved, rows past n 0 */
+BF16 static void pair_rows(const uint16_t *x, int64_t xs, int64_t n, int64_t npairs, int64_t hd, uint16_t *out) {
+    for (int64_t r2 = 0; r2 < npairs; r2++)
+        for (int64_t d = 0; d < hd; d += 16) {
+            const int64_t a = 2 * r2, b = a + 1;
+            const __m512i lo = a < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + a * xs + d)))
+                                     : _mm512_setzero_si512();
+            const __m512i hi = b < n ? _mm512_slli_epi32(
+                                           _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + b * xs + d))), 16)
+                                     : _mm512_setzero_si512();
+            _mm512_storeu_si512(out + (r2 * hd + d) * 2, _mm512_or_si512(lo, hi));
+        }
+}
+
+/* the same for float32 rows (stride tp), rounded: out (npairs x tp x 2), columns 0 .. n */
+BF16 static void pair_rows_f(const float *s, int64_t tp, int64_t npairs, int64_t n, uint16_t *out) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_loadu_si512(order);
+    for (int64_t r2 = 0; r2 < npairs; r2++)
+        for (int64_t c = 0; c < n; c += 16) {
+            const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + (2 * r2 + 1) * tp + c),
+                                                   _mm512_loadu_ps(s + 2 * r2 * tp + c));
+            _mm512_storeu_si512(out + (r2 * tp + c) * 2, _mm512_permutexvar_epi16(idx, (__m512i)h));
+        }
+}
+
+/* rows x rows of s (stride tp, columns 0 .. n, a multiple of 32) rounded into out (stride tp) */
+BF16 static void round_rows(const float *s, int64_t tp, int rows, int64_t n, uint16_t *out) {
+    for (int r = 0; r < rows; r++)
+        for (int64_t c = 0; c < n; c += 32)
+            _mm512_storeu_si512(out + r * tp + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + r * tp + c + 16),
+                                                                               _mm512_loadu_ps(s + r * tp + c)));
+}
+
+/* s (4 x tp) = f x (4 rows of hd, contiguous) kp^T, columns 0 .. n (a multiple of 32); kp: the
+ * keys' pairs transposed (hd/2 x tp, 32-bit) */
+BF16 static void scores(const uint16_t *x, int64_t hd, const uint32_t *kp, int64_t tp, int64_t n, float f, float *s) {
+    for (int64_t c = 0; c < n; c += 32) {
+        __m512 acc[4][2];
+        for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t d2 = 0; d2 < hd / 2; d2++) {
+            const __m512bh k0 = LOADBH(kp + d2 * tp + c), k1 = LOADBH(kp + d2 * tp + c + 16);
+            for (int r = 0; r < 4; r++) {
+                const __m512bh xr = BCAST(pair_at(x + r * hd + 2 * d2));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xr, k0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xr, k1);
+            }
+        }
+        const __m512 fv = _mm512_set1_ps(f);
+        for (int r = 0; r < 4; r++) {
+            _mm512_storeu_ps(s + r * tp + c, _mm512_mul_ps(acc[r][0], fv));
+            _mm512_storeu_ps(s + r * tp + c + 16, _mm512_mul_ps(acc[r][1], fv));
+        }
+    }
+}
+
+/* out (4 x NB·16 floats, stride hd) = w (4 rows, stride ws, columns 0 .. n, n even) times mp
+ * (rows paired: n/2 x hd x 2), for the NB·16 of hd from d0 */
+BF16 INLINE void weigh_block(const uint16_t *w, int64_t ws, const uint16_t *mp, int64_t n, int64_t hd, int64_t d0,
+                             const int NB, float *out) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t j2 = 0; j2 < n / 2; j2++) {
+        __m512bh m[4];
+        for (int b = 0; b < NB; b++) m[b] = LOADBH(mp + (j2 * hd + d0 + 16 * b) * 2);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh wr = BCAST(pair_at(w + r * ws + 2 * j2));
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wr, m[b]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(out + r * hd + d0 + 16 * b, acc[r][b]);
+}
+
+BF16 static void weigh(const uint16_t *w, int64_t ws, const uint16_t *mp, int64_t n, int64_t hd, float *out) {
+    for (int64_t d0 = 0; d0 < hd; d0 += 64)
+        if (hd - d0 >= 64)
+            weigh_block(w, ws, mp, n, hd, d0, 4, out);
+        else
+            weigh_block(w, ws, mp, n, hd, d0, 2, out);
+}
+
+/* acc (hd x tp floats) += x^T w summed over the block's query pairs: x paired (QB/2 x hd x 2),
+ * w paired (QB/2 x tp x 2), columns 0 .. n (a multiple of 32) */
+BF16 static void outer(const uint16_t *x, const uint16_t *w, int64_t tp, int64_t n, int64_t hd, float *acc) {
+    for (int64_t d = 0; d < hd; d += 4)
+        for (int64_t c = 0; c < n; c += 32) {
+            __m512 a[4][2];
+            for (int r = 0; r < 4; r++) {
+                a[r][0] = _mm512_loadu_ps(acc + (d + r) * tp + c);
+                a[r][1] = _mm512_loadu_ps(acc + (d + r) * tp + c + 16);
+            }
+            for (int64_t r2 = 0; r2 < QB / 2; r2++) {
+                const __m512bh w0 = LOADBH(w + (r2 * tp + c) * 2), w1 = LOADBH(w + (r2 * tp + c + 16) * 2);
+                for (int r = 0; r < 4; r++) {
+                    const __m512bh xr = BCAST(pair_at(x + (r2 * hd + d + r) * 2));
+                    a[r][0] = _mm512_dpbf16_ps(a[r][0], xr, w0);
+                    a[r][1] = _mm512_dpbf16_ps(a[r][1], xr, w1);
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                _mm512_storeu_ps(acc + (d + r) * tp + c, a[r][0]);
+                _mm512_storeu_ps(acc + (d + r) * tp + c + 16, a[r][1]);
+            }
+        }
+}
+
+/* n rows of x (stride xs) into out (QB x hd, contiguous), the rows past n 0 */
+static void take_rows(const uint16_t *x, int64_t xs, int64_t n, int64_t hd, uint16_t *out) {
+    for (int64_t r = 0; r < QB; r++)
+        if (r < n)
+            memcpy(out + r * hd, x + r * xs, (size_t)hd * sizeof *out);
+        else
+            memset(out + r * hd, 0, (size_t)hd * sizeof *out);
+}
+
+/* the row of hd floats, times f, rounded into out */
+BF16 static void put_row(const float *x, float f, int64_t hd, uint16_t *out) {
+    const __m512 fv = _mm512_set1_ps(f);
+    for (int64_t d = 0; d < hd; d += 16)
+        _mm256_storeu_si256((__m256i *)(out + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + d), fv)));
+}
+
+/* the key pairs of the head at x (T rows of stride xs) transposed into kp (hd/2 x tp, 32-bit) */
+BF16 static void pairs_t(const uint16_t *x, int64_t xs, int64_t T, int64_t hd, int64_t tp, uint32_t *kp) {
+    stage_t((const float *)(const void *)x, xs / 2, T, hd / 2, tp, (float *)(void *)kp); /* moves bits only */
+}
+
+BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *o, float *lse, char *buf) {
+    const int64_t T = a->T, hd = a->hd, tp = pad32(T), st = a->st, off = b * a->sb + h * a->sh;
+    const uint16_t *q = a->q + off, *k = a->k + off, *v = a->v + off;
+    uint32_t *kp = (uint32_t *)buf;
+    uint16_t *vp = (uint16_t *)(kp + hd / 2 * tp), *pb = vp + tp * hd, *xq = pb + QB * tp;
+    float *s = (float *)(xq + QB * hd), *acc = s + QB * tp;
+    o += b * a->ob + h * a->oh;
+    lse += (b * a->H + h) * T;
+    pairs_t(k, st, T, hd, tp, kp);
+    pair_rows(v, st, T, tp / 2, hd, vp);
+    for (int64_t i0 = 0; i0 < T; i0 += QB) {
+        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = pad32(i0 + nq);
+        take_rows(q + i0 * st, st, nq, hd, xq);
+        for (int g = 0; g < QB; g += 4) scores(xq + g * hd, hd, kp, tp, n, a->scale, s + g * tp);
+        float inv[QB];
+        for (int r = 0; r < QB; r++) {
+            const float m = softmax_row(s + r * tp, r < nq ? i0 + r : -1, n, inv + r);
+            if (r < nq) lse[i0 + r] = m - logf(inv[r]);
+        }
+        round_rows(s, tp, QB, n, pb);
+        for (int g = 0; g < nq; g += 4) {
+            weigh(pb + g * tp, tp, vp, n, hd, acc);
+            for (int r = g; r < nq && r < g + 4; r++) put_row(acc + (r - g) * hd, inv[r], hd, o + (i0 + r) * a->ot);
+        }
+    }
+}
+
+BF16 static void backward_head(const heads16 *a, int64_t b, int64_t h, const uint16_t *o, const uint16_t *dout,
+                               const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, char *buf) {
+    const int64_t T = a->T, hd = a->hd, tp = pad32(T), st = a->st, ot = a->ot, off = b * a->sb + h * a->sh;
+    const int64_t oo = b * a->ob + h * a->oh;
+    const uint16_t *q = a->q + off, *k = a->k + off, *v = a->v + off;
+    uint32_t *kp = (uint32_t *)buf, *vq = kp + hd / 2 * tp;
+    uint16_t *kj = (uint16_t *)(vq + hd / 2 * tp), *pi = kj + tp * hd, *dsi = pi + QB * tp, *dsb = dsi + QB * tp;
+    uint16_t *xq = dsb + QB * tp, *xd = xq + QB * hd, *qp = xd + QB * hd, *dop = qp + QB * hd;
+    float *s = (float *)(dop + QB * hd), *dp = s + QB * tp, *dkt = dp + QB * tp, *dvt = dkt + hd * tp;
+    float *rows = dvt + hd * tp, *acc = rows + tp * hd;
+    o += oo, dout += oo, dq += oo, dk += oo, dv += oo, lse += (b * a->H + h) * T;
+    pairs_t(k, st, T, hd, tp, kp);
+    pairs_t(v, st, T, hd, tp, vq);
+    pair_rows(k, st, T, tp / 2, hd, kj);
+    memset(dkt, 0, (size_t)(2 * hd * tp) * sizeof *dkt); /* dkt and dvt */
+    for (int64_t i0 = 0; i0 < T; i0 += QB) {
+        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = pad32(i0 + nq);
+        take_rows(q + i0 * st, st, nq, hd, xq);
+        take_rows(dout + i0 * ot, ot, nq, hd, xd);
+        pair_rows(xq, hd, QB, QB / 2, hd, qp);
+        pair_rows(xd, hd, QB, QB / 2, hd, dop);
+        for (int g = 0; g < QB; g += 4) {
+            scores(xq + g * hd, hd, kp, tp, n, 1.f, s + g * tp);
+            scores(xd + g * hd, hd, vq, tp, n, 1.f, dp + g * tp);
+        }
+        for (int r = 0; r < QB; r++) {
+            __m256 dsum = _mm256_setzero_ps();
+            for (int64_t d = 0; d < hd && r < nq; d += 8)
+                dsum = _mm256_fmadd_ps(load8(xd + r * hd, d, 1), load8(o + (i0 + r) * ot, d, 1), dsum);
+            grad_row(s + r * tp, dp + r * tp, r < nq ? i0 + r : -1, n, a->scale, r < nq ? lse[i0 + r] : 0.f,
+                     hsum8(dsum));
+        }
+        pair_rows_f(s, tp, QB / 2, n, pi);   /* p */
+        pair_rows_f(dp, tp, QB / 2, n, dsi); /* ds, scaled */
+        round_rows(dp, tp, QB, n, dsb);
+        for (int g = 0; g < nq; g += 4) {
+            weigh(dsb + g * tp, tp, kj, n, hd, acc);
+            for (int r = g; r < nq && r < g + 4; r++) put_row(acc + (r - g) * hd, 1.f, hd, dq + (i0 + r) * ot);
+        }
+        outer(dop, pi, tp, n, hd, dvt);
+        outer(qp, dsi, tp, n, hd, dkt);
+    }
+    for (int t = 0; t < 2; t++) { /* dk^T and dv^T back to rows, rounded */
+        stage_t(t ? dvt : dkt, tp, hd, tp, hd, rows);
+        for (int64_t j = 0; j < T; j++) put_row(rows + j * hd, 1.f, hd, (t ? dv : dk) + j * ot);
+    }
+}
+
+/* the bytes one thread's buffer takes */
+static size_t buffer_bytes(int64_t T, int64_t hd, int back) {
+    const int64_t tp = pad32(T);
+    if (!back) return (size_t)(2 * hd * tp * 2 + QB * tp * 2 + QB * hd * 2 + QB * tp * 4 + 4 * hd * 4);
+    return (size_t)(3 * hd * tp * 2 + 3 * QB * tp * 2 + 4 * QB * hd * 2 + 2 * QB * tp * 4 + 3 * hd * tp * 4 + 4 * hd * 4);
+}
+
+/* forward: causal16_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale);
+ * backward: causal16_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale) */
+static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
+    void *p[9];
+    int64_t v[10];
+    const int np = back ? 9 : 5;
+    const char *usage = back ? "causal16_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)"
+                             : "causal16_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)";
+    if (nargs != np + 11) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + 11);
+        return NULL;
+    }
+    if (qk_read_args(args, np + 10, np + 10, usage, p, np, v)) return NULL;
+    const double scale = PyFloat_AsDouble(args[np + 10]);
+    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[3] % 32 || v[4] % 2 || v[5] % 2 || v[6] % 2 || v[7] % 2
+        || v[8] % 2 || v[9] % 2) {
+        PyErr_Format(PyExc_ValueError, "causal16 attention: B=%lld, H=%lld, T=%lld, hd=%lld do not fit (hd a "
+                     "multiple of 32, even strides)", (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3]);
+        return NULL;
+    }
+    const int qi = back ? 3 : 2;
+    const heads16 a = {p[qi], p[qi + 1], p[qi + 2], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
+                       (float)scale};
+    const size_t bytes = (buffer_bytes(a.T, a.hd, back) + 63) & ~(size_t)63;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+        char *buf = aligned_alloc(64, bytes);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < a.B * a.H; task++) {
+            if (!buf) continue;
+            if (back)
+                backward_head(&a, task / a.H, task % a.H, p[6], p[7], p[8], p[0], p[1], p[2], buf);
+            else
+                forward_head(&a, task / a.H, task % a.H, p[0], p[1], buf);
+        }
+        free(buf);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+#else
+static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
+    (void)args, (void)nargs, (void)back;
+    PyErr_SetString(PyExc_RuntimeError, "causal16 attention: built without AVX512-BF16 support");
+    return NULL;
+}
+#endif
+
+PyObject *py_causal16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return run(args, nargs, 0);
+}
+
+PyObject *py_causal16_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return run(args, nargs, 1);
+}
