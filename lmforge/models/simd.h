@@ -1,5 +1,5 @@
 /* AVX2 pieces that fstep.c (a float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c
- * (attention over packed rows), causal.c and causal16.c (causal attention for training) share.
+ * (attention over packed rows), causal.c and attend16.c (attention for training) share.
  * Include after <immintrin.h>, on x86-64 with GCC or clang; the functions are compiled for
  * AVX2 and FMA by attribute, so callers choose them at run time (__builtin_cpu_supports). */
 #ifndef LMFORGE_SIMD_H

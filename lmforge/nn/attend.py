@@ -3,7 +3,7 @@ measure faster (bfloat16 training; inference over short sequences).
 
     attend       softmax(q k^T · scale + mask) v, as F.scaled_dot_product_attention
     attend_rows  the same over packed rows (each sequence's real tokens), without gradients
-    CausalAttention  causal self-attention for training (float32, bfloat16), by C kernels where they pay
+    KernelAttention  attention for training by C kernels where they pay (float32 causal; bfloat16)
 
 On CPU, SDPA's flash kernel runs its backward in bfloat16 at a fraction of the matrix
 instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), batch 16 × 6
@@ -45,12 +45,12 @@ MAX_SCORES = 1 << 23  # B·H·T·S: 32 MB of float32 scores
 _EXPLICIT: dict[tuple, bool] = {}  # shapes, mask, causal, inference -> whether the explicit products pay
 ROWS_PROBE = 8192  # rows_pay measures at most this many packed rows (sequences x longest)
 _ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
-_CAUSAL: dict[tuple, bool] = {}  # (B, H, T rounded up to a power of two, hd, dtype) -> causal_pays
-CAUSAL_MIN_SCORES = 1 << 18  # B·H·T·T below which causal_pays keeps SDPA without measuring
-# lmforge/models/causal.c: AVX2 and FMA, float32; causal16.c: AVX512-BF16, bfloat16
+_KERNEL: dict[tuple, bool] = {}  # shapes (lengths bucketed), dtype, mask, causal -> kernel_pays
+KERNEL_MIN_SCORES = 1 << 18  # B·H·T·S below which kernel_pays keeps torch's path without measuring
+# lmforge/models/causal.c: AVX2 and FMA, float32, causal; attend16.c: AVX512-BF16, bfloat16
 _CAUSAL_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-_CAUSAL_BF16 = (_CAUSAL_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
-                and torch.cpu._is_avx512_bf16_supported() and hasattr(qkernel._qkernel, "causal16_forward"))
+_ATTEND_BF16 = (_CAUSAL_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
+                and torch.cpu._is_avx512_bf16_supported())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -58,8 +58,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            gqa: bool = False) -> torch.Tensor:
     """q (B, H, T, hd), k and v (B, KV, S, hd), mask additive and broadcastable to (B, H, T, S)
     (or None), is_causal applying when there is no mask. Returns (B, H, T, hd)."""
-    if _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) and causal_pays(*q.shape, q.dtype):
-        return CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    causal = is_causal and mask is None
+    if _may_use_kernel(q, k, v, mask, causal, dropout_p, gqa) and kernel_pays(q, k, mask, causal):
+        return KernelAttention.apply(q, k, v, mask, causal, q.shape[-1] ** -0.5 if scale is None else scale)
     return _attend_torch(q, k, v, mask, is_causal, dropout_p, scale, gqa)
 
 
@@ -211,72 +212,118 @@ def rows_pay(sequences: int, longest: int, n_heads: int, n_kv: int, hd: int, dty
     return _ROWS[key]
 
 
-def _may_be_causal(q, k, v, mask, is_causal, dropout_p, gqa) -> bool:
+def _may_use_kernel(q, k, v, mask, causal, dropout_p, gqa) -> bool:
+    """Whether lmforge's C kernels can take this attention: training (a gradient wanted) on CPU,
+    without dropout or GQA; float32 causal self-attention without a mask (causal.c), or bfloat16
+    with or without an additive float mask (attend16.c)."""
+    B, H, T, hd = q.shape
     if q.dtype == torch.float32:
-        kernel, multiple = _CAUSAL_C, 16
+        fits = _CAUSAL_C and causal and k.shape[2] == T and hd % 16 == 0
     else:
-        kernel, multiple = _CAUSAL_BF16 and q.dtype == torch.bfloat16, 32
-    return (kernel and is_causal and mask is None and not dropout_p and not gqa and q.device.type == "cpu"
-            and q.dtype == k.dtype == v.dtype and q.shape == k.shape == v.shape
-            and q.shape[-1] % multiple == 0 and q.shape[2] > 1 and torch.is_grad_enabled()
-            and any(t.requires_grad for t in (q, k, v)) and not torch.compiler.is_compiling())
+        fits = (_ATTEND_BF16 and q.dtype == torch.bfloat16 and hd % 32 == 0
+                and (mask is None or (mask.dtype in (torch.float32, torch.bfloat16) and mask.dim() <= 4
+                                      and torch.broadcast_shapes(mask.shape, (B, H, T, k.shape[2])) == (B, H, T, k.shape[2]))))
+    return (fits and not dropout_p and not gqa and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+            and k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == hd and T > 1
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            and not torch.compiler.is_compiling())
 
 
-class CausalAttention(torch.autograd.Function):
-    """Causal self-attention for training by lmforge's C kernels, FlashAttention's recomputation
-    per (batch, head) with one head's keys whole in cache: float32 (lmforge/models/causal.c, AVX2)
-    and bfloat16 (causal16.c, AVX512-BF16, float32 inside). The output and gradients come in a
-    (B, T, H, hd) layout, so the caller's transposes need no copy. On a 2-core Zen 4 EPYC, 8 x 6
-    heads x 256 x 64 (a GPT-2-like layer), forward and backward: float32 10.3-12.1 ms against
-    SDPA's 21.2-24.0; bfloat16 7.6-8.9 ms against 16-22 for `_explicit`'s products and 33-41 for
-    SDPA. Taken where `causal_pays`."""
+def _even(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dimension and even strides (the kernels' pairs), copied if not."""
+    return t if t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1]) else t.contiguous()
+
+
+class KernelAttention(torch.autograd.Function):
+    """Attention for training by lmforge's C kernels, FlashAttention's recomputation per (batch,
+    head) with one head's keys whole in cache: float32 causal self-attention (lmforge/models/causal.c,
+    AVX2), and bfloat16 with a causal flag or an additive mask, its gradient included (attend16.c,
+    AVX512-BF16, float32 inside: T5's relative position bias is a mask that learns). The output and
+    gradients come in a (B, T, H, hd) layout, so the caller's transposes need no copy. On a 2-core
+    Zen 4 EPYC, 8 x 6 heads x 256 x 64 (a GPT-2-like layer), forward and backward: float32
+    10.3-12.1 ms against SDPA's 21.2-24.0; bfloat16 7.6-8.9 ms against 16-22 for `_explicit`'s
+    products and 33-41 for SDPA. Taken where `kernel_pays`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and all(s % 2 == 0 for s in q.stride()[:3])):
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, T, hd = q.shape
+    def forward(ctx, q, k, v, mask, causal, scale):
+        q, k, v = _even(q), _even(k), _even(v)
+        if k.stride() != v.stride():
+            k, v = k.contiguous(), v.contiguous()
+        (B, H, T, hd), S = q.shape, k.shape[2]
         o, lse = q.new_empty(B, T, H, hd).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
-        kernel = qkernel._qkernel.causal16_forward if q.dtype == torch.bfloat16 else qkernel._qkernel.causal_forward
-        kernel(o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, T, hd, *q.stride()[:3],
-               *o.stride()[:3], float(scale))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
+        if q.dtype == torch.bfloat16:
+            m = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, H, T, S)
+            if m is not None and m.stride(-1) != 1:
+                m = m.contiguous()
+            mask_args = (0, 0, 0, 0) if m is None else (*m.stride()[:3], int(m.dtype == torch.bfloat16))
+            qkernel._qkernel.attend16_forward(
+                o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if m is None else m.data_ptr(),
+                B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], *mask_args, int(causal), float(scale))
+            ctx.mask_args = mask_args
+        else:
+            m = None
+            qkernel._qkernel.causal_forward(o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                            B, H, T, hd, *q.stride()[:3], *o.stride()[:3], float(scale))
+        ctx.save_for_backward(q, k, v, o, lse, m)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mask_shape = None if mask is None else mask.shape
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        B, H, T, hd = q.shape
+        q, k, v, o, lse, m = ctx.saved_tensors
+        (B, H, T, hd), S = q.shape, k.shape[2]
         if do.stride() != o.stride():
             do = do.transpose(1, 2).contiguous().transpose(1, 2)
-        dq, dk, dv = (q.new_empty(B, T, H, hd).transpose(1, 2) for _ in range(3))
-        kernel = qkernel._qkernel.causal16_backward if q.dtype == torch.bfloat16 else qkernel._qkernel.causal_backward
-        kernel(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-               do.data_ptr(), lse.data_ptr(), B, H, T, hd, *q.stride()[:3], *o.stride()[:3], float(ctx.scale))
-        return dq, dk, dv, None
+        dq = q.new_empty(B, T, H, hd).transpose(1, 2)
+        dk, dv = (q.new_empty(B, S, H, hd).transpose(1, 2) for _ in range(2))
+        if q.dtype != torch.bfloat16:
+            qkernel._qkernel.causal_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(),
+                                             v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(), B, H, T, hd,
+                                             *q.stride()[:3], *o.stride()[:3], float(ctx.scale))
+            return dq, dk, dv, None, None, None
+        dmask = torch.empty(B, H, T, S) if ctx.needs_input_grad[3] else None
+        qkernel._qkernel.attend16_backward(
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dmask is None else dmask.data_ptr(), q.data_ptr(),
+            k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(), 0 if m is None else m.data_ptr(),
+            B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], *ctx.mask_args, int(ctx.causal),
+            *dk.stride()[:3], float(ctx.scale))
+        if dmask is not None:  # summed over the dimensions the mask broadcast along
+            shape = ctx.mask_shape
+            full = (1,) * (4 - len(shape)) + tuple(shape)
+            dims = [d for d in range(4) if full[d] == 1]
+            dmask = (dmask.sum(dims, keepdim=True) if dims else dmask).reshape(shape).to(m.dtype)
+        return dq, dk, dv, dmask, None, None
 
 
-def causal_pays(B: int, H: int, T: int, hd: int, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `CausalAttention`'s forward and backward run at least `MARGIN` times as fast as
-    `attend`'s torch path here (SDPA in float32; in bfloat16 `_explicit`'s products where they pay):
-    the median ratio of rounds timing the two in turn (`median_ratio`), measured once per process,
-    dtype and shape (T rounded up to a power of two). The margin keeps noise from flipping the
-    choice between processes, so that a resumed run (or another rank) takes the same path (the two
-    sum in different orders); under `CAUSAL_MIN_SCORES` scores, where a step takes tens of
-    microseconds and the kernel gains little, it is not measured and torch's path stays."""
-    key = (B, H, bucket(T), hd, dtype)
-    if key not in _CAUSAL:
-        if B * H * key[2] * key[2] < CAUSAL_MIN_SCORES:
-            _CAUSAL[key] = False
+def kernel_pays(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
+    """Whether `KernelAttention`'s forward and backward run at least `MARGIN` times as fast as
+    `attend`'s torch path here (SDPA; in bfloat16 `_explicit`'s products where they pay): the median
+    ratio of rounds timing the two in turn (`median_ratio`), measured once per process, dtype, mask
+    layout and shape (lengths rounded up to powers of two), on inputs laid out as a layer's
+    projections make them. The margin keeps noise from flipping the choice between processes, so
+    that a resumed run (or another rank) takes the same path (the two sum in different orders);
+    under `KERNEL_MIN_SCORES` scores, where a step takes tens of microseconds and the kernel gains
+    little, it is not measured and torch's path stays."""
+    (B, H, T, hd), S = q.shape, k.shape[2]
+    T, S = bucket(T), bucket(S)
+    full = None if mask is None else (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    m_shape = None if full is None else tuple(1 if d == 1 else n for d, n in zip(full, (B, H, T, S)))
+    m_grad = mask is not None and mask.requires_grad
+    key = (B, H, T, S, hd, q.dtype, m_shape, None if mask is None else mask.dtype, m_grad, causal)
+    if key not in _KERNEL:
+        if B * H * T * S < KERNEL_MIN_SCORES:
+            _KERNEL[key] = False
             return False
         # laid out as an attention layer's projections make them: (B, T, H, hd) viewed as (B, H, T, hd)
-        leaves = [probe(B, key[2], H, hd, dtype=dtype).requires_grad_() for _ in range(3)]
+        leaves = [probe(B, n, H, hd, dtype=q.dtype).requires_grad_() for n in (T, S, S)]
         qs, ks, vs = (t.transpose(1, 2) for t in leaves)
-        grad = probe(B, key[2], H, hd, dtype=dtype).transpose(1, 2)
+        ms = None if mask is None else torch.zeros(m_shape, dtype=mask.dtype).requires_grad_(m_grad)
+        grad = probe(B, T, H, hd, dtype=q.dtype).transpose(1, 2)
         with torch.enable_grad():
-            ratio = median_ratio(lambda: _attend_torch(qs, ks, vs, None, True, 0.0, None, False).backward(grad),
-                                 lambda: CausalAttention.apply(qs, ks, vs, hd ** -0.5).backward(grad), REPEATS)
-        _CAUSAL[key] = ratio >= MARGIN
-    return _CAUSAL[key]
+            ratio = median_ratio(lambda: _attend_torch(qs, ks, vs, ms, causal, 0.0, None, False).backward(grad),
+                                 lambda: KernelAttention.apply(qs, ks, vs, ms, causal, hd ** -0.5).backward(grad),
+                                 REPEATS)
+        _KERNEL[key] = ratio >= MARGIN
+    return _KERNEL[key]

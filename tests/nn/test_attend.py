@@ -200,7 +200,7 @@ def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
     x = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
     q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in x.split(H * hd, -1))
     grad = torch.randn(B, H, T, hd, generator=g)
-    y = at.CausalAttention.apply(q, k, v, 0.3)
+    y = at.KernelAttention.apply(q, k, v, None, True, 0.3)
     assert y.transpose(1, 2).is_contiguous()
     y.backward(grad)
     x64 = x.detach().double().requires_grad_()
@@ -211,47 +211,64 @@ def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
     assert ((x.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
 
 
-causal16_kernel = pytest.mark.skipif(not at._CAUSAL_BF16, reason="no bfloat16 C kernel here (needs AVX512-BF16)")
+bf16_kernel = pytest.mark.skipif(not at._ATTEND_BF16, reason="no bfloat16 C kernel here (needs AVX512-BF16)")
 
 
-@causal16_kernel
-@pytest.mark.parametrize("B,H,T,hd", [(1, 1, 5, 32), (2, 3, 37, 64), (2, 2, 16, 96), (1, 2, 100, 128)])
-def test_bfloat16_causal_kernel_is_as_close_as_sdpa(B, H, T, hd):
-    """The bfloat16 kernel's output and gradients against SDPA in float64 from the same bfloat16
-    inputs: within 2% of the largest value, and at most 1.5x the error of SDPA's own bfloat16
-    kernel (both round the probabilities to bfloat16 for their products); T not a multiple of the
-    16-query blocks or 32-key tiles."""
+@bf16_kernel
+@pytest.mark.parametrize("B,H,T,S,hd,kind", [(1, 1, 5, 5, 32, "causal"), (2, 3, 37, 37, 64, "causal"),
+                                            (2, 2, 16, 16, 96, "causal"), (1, 2, 100, 100, 128, "causal"),
+                                            (2, 3, 37, 37, 64, "none"), (2, 4, 40, 40, 64, "bias"),
+                                            (2, 4, 20, 50, 64, "padding")])
+def test_bfloat16_kernel_is_as_close_as_sdpa(B, H, T, S, hd, kind):
+    """The bfloat16 kernel's output and gradients (the mask's too, for T5's learned relative bias
+    under a padding mask) against SDPA in float64 from the same bfloat16 inputs: within 2% of the
+    largest value, and at most 1.5x the error of SDPA's own bfloat16 kernel (both round the
+    probabilities to bfloat16 for their products); with a learned bias, of `_explicit`'s products,
+    the path it replaces there (SDPA's math path adds a float32 bias in float32). T not a multiple
+    of the 16-query blocks or 32-key tiles; cross-attention (S != T) with k and v apart from q."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, T, 3 * H * hd, generator=g).bfloat16().requires_grad_()
+    x = [torch.randn(B, n, H, hd, generator=g).bfloat16() for n in (T, S, S)]
     grad = torch.randn(B, T, H, hd, generator=g).bfloat16().transpose(1, 2)
+    bias = torch.randn(1, H, T, S, generator=g)
+    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    keep[0, ..., S - 3:] = False
 
     def run(fn, dtype):
-        xs = x.detach().to(dtype).requires_grad_()
-        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in xs.split(H * hd, -1))
-        y = fn(q, k, v)
+        leaves = [t.to(dtype).clone().requires_grad_() for t in x]
+        b = bias.to(torch.float64 if dtype == torch.float64 else torch.float32).clone().requires_grad_()
+        mask = {"bias": lambda: torch.where(keep, b, torch.finfo(b.dtype).min),
+                "padding": lambda: torch.zeros_like(b[:1, :1, :1]).masked_fill(~keep, torch.finfo(b.dtype).min)
+                }.get(kind, lambda: None)()
+        y = fn(*(t.transpose(1, 2) for t in leaves), mask)
         y.backward(grad.to(dtype))
-        return y.double(), xs.grad.double()
+        return [y.double()] + [t.grad.double() for t in leaves] + ([b.grad.double()] if kind == "bias" else [])
 
-    y, dx = run(lambda q, k, v: at.CausalAttention.apply(q, k, v, 0.2), torch.bfloat16)
-    y_sdpa, dx_sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2),
-                          torch.bfloat16)
-    y64, dx64 = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2), torch.float64)
-    for got, ref, want in ((y, y_sdpa, y64), (dx, dx_sdpa, dx64)):
-        err, ref_err = ((t - want).abs().max().item() / want.abs().max().item() for t in (got, ref))
+    causal = kind == "causal"
+    got = run(lambda q, k, v, m: at.KernelAttention.apply(q, k, v, m, causal, 0.2), torch.bfloat16)
+    if kind == "bias":  # SDPA's math path: float32 inside; lmforge took `_explicit`'s products here
+        sdpa = run(lambda q, k, v, m: at._explicit(q, k, v, m, False, 0.0, 0.2), torch.bfloat16)
+    else:
+        sdpa = run(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal,
+                                                                     scale=0.2), torch.bfloat16)
+    want = run(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, scale=0.2),
+               torch.float64)
+    assert len(got) == (5 if kind == "bias" else 4)
+    for a, r, w in zip(got, sdpa, want):
+        err, ref_err = ((t - w).abs().max().item() / w.abs().max().item() for t in (a, r))
         assert err < 0.02 and err <= 1.5 * ref_err + 1e-3, (err, ref_err)
 
 
 @causal_kernel
 def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     """attend takes the kernel for float32 causal training without a mask, dropout or GQA exactly
-    where causal_pays (the median ratio of alternating rounds, measured once per power-of-two
-    length, with the training margin) says so; below CAUSAL_MIN_SCORES it keeps SDPA unmeasured."""
+    where kernel_pays (the median ratio of alternating rounds, measured once per power-of-two
+    length, with the training margin) says so; below KERNEL_MIN_SCORES it keeps SDPA unmeasured."""
     calls, used = [], []
-    monkeypatch.setattr(at, "_CAUSAL", {})
-    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 1)
+    monkeypatch.setattr(at, "_KERNEL", {})
+    monkeypatch.setattr(at, "KERNEL_MIN_SCORES", 1)
     monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.6)
-    real = at.CausalAttention.apply
-    monkeypatch.setattr(at.CausalAttention, "apply", lambda *a: used.append(1) or real(*a))
+    real = at.KernelAttention.apply
+    monkeypatch.setattr(at.KernelAttention, "apply", lambda *a: used.append(1) or real(*a))
     q, k, v = (t.float().detach().requires_grad_() for t in _qkv(T=12, S=12, D=16))
     at.attend(q, k, v, is_causal=True)
     at.attend(q, k, v, is_causal=True)
@@ -264,31 +281,40 @@ def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     at.attend(q, k, v, mask=torch.zeros(1, 1, 12, 12))
     at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)  # bfloat16 wants hd % 32 == 0
     assert used == [1, 1, 1]
-    at._CAUSAL.clear()
+    at._KERNEL.clear()
     monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.25)
     at.attend(q, k, v, is_causal=True)
     assert used == [1, 1, 1] and len(calls) == 2  # 1.25x is within the margin: SDPA
-    at._CAUSAL.clear()
-    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 2 * 3 * 16 * 16 + 1)
+    at._KERNEL.clear()
+    monkeypatch.setattr(at, "KERNEL_MIN_SCORES", 2 * 3 * 16 * 16 + 1)
     at.attend(q, k, v, is_causal=True)
     assert used == [1, 1, 1] and len(calls) == 2  # too small to measure: SDPA
 
 
-@causal16_kernel
-def test_bfloat16_causal_kernel_is_measured_on_its_own(monkeypatch):
-    """bfloat16 causal training takes the kernel where its own measurement (keyed by dtype, against
-    `attend`'s torch path) says so, and only with hd a multiple of 32."""
+@bf16_kernel
+def test_bfloat16_kernel_is_measured_on_its_own(monkeypatch):
+    """bfloat16 training takes the kernel where its own measurement (keyed by dtype, mask layout and
+    whether the mask learns, against `attend`'s torch path) says so: causal, with a float mask or
+    with neither, and only with hd a multiple of 32; boolean masks stay with torch."""
     calls, used = [], []
-    monkeypatch.setattr(at, "_CAUSAL", {})
-    monkeypatch.setattr(at, "CAUSAL_MIN_SCORES", 1)
+    monkeypatch.setattr(at, "_KERNEL", {})
+    monkeypatch.setattr(at, "KERNEL_MIN_SCORES", 1)
     monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.6)
-    real = at.CausalAttention.apply
-    monkeypatch.setattr(at.CausalAttention, "apply", lambda *a: used.append(a[0].dtype) or real(*a))
+    real = at.KernelAttention.apply
+    monkeypatch.setattr(at.KernelAttention, "apply", lambda *a: used.append(a[0].dtype) or real(*a))
     q, k, v = (t.detach().requires_grad_() for t in _qkv(T=12, S=12, D=32))
     at.attend(q, k, v, is_causal=True)
     at.attend(q.float(), k.float(), v.float(), is_causal=True)
     assert used == [torch.bfloat16, torch.float32] and len(calls) == 2
-    assert {key[-1] for key in at._CAUSAL} == {torch.bfloat16, torch.float32}
+    assert {key[5] for key in at._KERNEL} == {torch.bfloat16, torch.float32}
     q48, k48, v48 = (t.detach().requires_grad_() for t in _qkv(T=12, S=12, D=48))
     at.attend(q48, k48, v48, is_causal=True)
     assert len(used) == 2
+    mask = torch.zeros(2, 1, 1, 12)
+    at.attend(q, k, v, mask=mask)
+    at.attend(q, k, v, mask=torch.zeros(1, 3, 12, 12, requires_grad=True))
+    at.attend(q, k, v)
+    at.attend(q, k, v, mask=mask.bool())
+    assert len(used) == 5 and len(calls) == 5
+    assert {(key[6], key[8], key[9]) for key in at._KERNEL if key[5] == torch.bfloat16} == {
+        (None, False, True), ((2, 1, 1, 16), False, False), ((1, 3, 16, 16), True, False), (None, False, False)}

@@ -1,18 +1,22 @@
-/* Causal self-attention in bfloat16 for training under autocast, forward and backward, per
- * (batch, head): causal.c's scheme (FlashAttention's recomputation from the log-sum-exp, Dao et
- * al. 2022, one head's keys and values whole in cache) with every product on AVX512-BF16's pair
- * dot product (vdpbf16ps: each float32 lane gains a0 b0 + a1 b1), so the operand that runs along
- * a product's sum is staged in pairs along it:
+/* Scaled dot-product attention in bfloat16 for training under autocast, forward and backward,
+ * per (batch, head): FlashAttention's recomputation from the log-sum-exp (Dao et al. 2022) with one
+ * head's keys and values whole in cache, as causal.c, and every product on AVX512-BF16's pair dot
+ * product (vdpbf16ps: each float32 lane gains a0 b0 + a1 b1), so the operand that runs along a
+ * product's sum is staged in pairs along it:
  *
- *   s = q k^T, dp = do v^T          sum over hd: k and v as 32-bit pairs, transposed (hd/2 x keys)
- *   o = p v, dq = ds k              sum over keys: v and k with rows paired (keys/2 x hd x 2)
- *   dv^T = do^T p, dk^T = q^T ds    sum over a block's queries: p, ds, q and do with rows paired
+ *   s = scale q k^T + mask, dp = do v^T   sum over hd: k, v as 32-bit pairs transposed (hd/2 x keys)
+ *   o = p v, dq = scale ds k              sum over keys: v, k with rows paired (keys/2 x hd x 2)
+ *   dv^T = do^T p, dk^T = scale q^T ds    sum over a block's queries: p, ds, q, do with rows paired
+ *   dmask = ds = p (dp - D)
  *
  * Scores, softmax, lse and the sums are float32; p and ds are rounded to bfloat16 for their
- * products, as torch's flash kernel does in bfloat16. Queries come in blocks of QB. q, k and v
- * are (B, H, T, hd) with strides (sb, sh, st); o, do, dq, dk and dv with strides (ob, oh, ot) (a
- * (B, T, H, hd) layout spares the caller its transposing copies); unit stride along hd, even
- * strides; lse (B, H, T) contiguous; hd a multiple of 32. The caller checks the CPU. */
+ * products, as torch's flash kernel does in bfloat16. Queries come in blocks of QB. q (B, H, T, hd)
+ * has strides (qb, qh, qt); k and v (B, H, S, hd) share (kb, kh, kt); o, do and dq have (ob, oh,
+ * ot), dk and dv (gb, gh, gt) (a (B, T, H, hd) layout spares the caller its transposing copies);
+ * all with unit stride along hd and even. The mask (none: a null pointer) is additive, float32 or bfloat16, with
+ * strides (mb, mh, mt) and unit stride along the keys (0 strides broadcast it); causal (T = S):
+ * query i sees keys 0 .. i. lse (B, H, T) and dmask (B, H, T, S, float32; null: not wanted) are
+ * contiguous. hd a multiple of 32. The caller checks the CPU. */
 #include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
 #include <math.h>
 #include <stdlib.h>
@@ -27,7 +31,8 @@ enum { QB = 16 }; /* queries per block: 8 pairs for the sums over queries */
 
 typedef struct {
     const uint16_t *q, *k, *v;
-    int64_t B, H, T, hd, sb, sh, st, ob, oh, ot;
+    const void *mask;
+    int64_t B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt;
     float scale;
 } heads16;
 
@@ -172,23 +177,40 @@ BF16 static void pairs_t(const uint16_t *x, int64_t xs, int64_t T, int64_t hd, i
     stage_t((const float *)(const void *)x, xs / 2, T, hd / 2, tp, (float *)(void *)kp); /* moves bits only */
 }
 
+/* the block's score rows (QB x tp) plus the mask's rows i0 .., and each row's last visible key */
+BF16 static void add_mask(const heads16 *a, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t tp, float *s,
+                          int64_t *last) {
+    for (int64_t r = 0; r < QB; r++) {
+        last[r] = r >= nq ? -1 : a->causal ? i0 + r : a->S - 1;
+        if (!a->mask || r >= nq) continue;
+        const int64_t at = b * a->mb + h * a->mh + (i0 + r) * a->mt;
+        const int64_t whole = a->S & ~(int64_t)7;
+        float *row = s + r * tp;
+        for (int64_t c = 0; c < whole; c += 8)
+            _mm256_storeu_ps(row + c, _mm256_add_ps(_mm256_loadu_ps(row + c), load8(a->mask, at + c, (int)a->mask_bf)));
+        for (int64_t c = whole; c < a->S; c++) row[c] += load1(a->mask, at + c, (int)a->mask_bf);
+    }
+}
+
 BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *o, float *lse, char *buf) {
-    const int64_t T = a->T, hd = a->hd, tp = pad32(T), st = a->st, off = b * a->sb + h * a->sh;
-    const uint16_t *q = a->q + off, *k = a->k + off, *v = a->v + off;
+    const int64_t T = a->T, S = a->S, hd = a->hd, tp = pad32(S), qt = a->qt, kt = a->kt;
+    const uint16_t *q = a->q + b * a->qb + h * a->qh, *k = a->k + b * a->kb + h * a->kh, *v = a->v + b * a->kb + h * a->kh;
     uint32_t *kp = (uint32_t *)buf;
     uint16_t *vp = (uint16_t *)(kp + hd / 2 * tp), *pb = vp + tp * hd, *xq = pb + QB * tp;
     float *s = (float *)(xq + QB * hd), *acc = s + QB * tp;
     o += b * a->ob + h * a->oh;
     lse += (b * a->H + h) * T;
-    pairs_t(k, st, T, hd, tp, kp);
-    pair_rows(v, st, T, tp / 2, hd, vp);
+    pairs_t(k, kt, S, hd, tp, kp);
+    pair_rows(v, kt, S, tp / 2, hd, vp);
     for (int64_t i0 = 0; i0 < T; i0 += QB) {
-        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = pad32(i0 + nq);
-        take_rows(q + i0 * st, st, nq, hd, xq);
+        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = a->causal ? pad32(i0 + nq) : tp;
+        int64_t last[QB];
+        take_rows(q + i0 * qt, qt, nq, hd, xq);
         for (int g = 0; g < QB; g += 4) scores(xq + g * hd, hd, kp, tp, n, a->scale, s + g * tp);
+        add_mask(a, b, h, i0, nq, tp, s, last);
         float inv[QB];
         for (int r = 0; r < QB; r++) {
-            const float m = softmax_row(s + r * tp, r < nq ? i0 + r : -1, n, inv + r);
+            const float m = softmax_row(s + r * tp, last[r], n, inv + r);
             if (r < nq) lse[i0 + r] = m - logf(inv[r]);
         }
         round_rows(s, tp, QB, n, pb);
@@ -200,50 +222,55 @@ BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *
 }
 
 BF16 static void backward_head(const heads16 *a, int64_t b, int64_t h, const uint16_t *o, const uint16_t *dout,
-                               const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, char *buf) {
-    const int64_t T = a->T, hd = a->hd, tp = pad32(T), st = a->st, ot = a->ot, off = b * a->sb + h * a->sh;
+                               const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, float *dmask, char *buf) {
+    const int64_t T = a->T, S = a->S, hd = a->hd, tp = pad32(S), qt = a->qt, kt = a->kt, ot = a->ot;
     const int64_t oo = b * a->ob + h * a->oh;
-    const uint16_t *q = a->q + off, *k = a->k + off, *v = a->v + off;
+    const uint16_t *q = a->q + b * a->qb + h * a->qh, *k = a->k + b * a->kb + h * a->kh, *v = a->v + b * a->kb + h * a->kh;
     uint32_t *kp = (uint32_t *)buf, *vq = kp + hd / 2 * tp;
     uint16_t *kj = (uint16_t *)(vq + hd / 2 * tp), *pi = kj + tp * hd, *dsi = pi + QB * tp, *dsb = dsi + QB * tp;
     uint16_t *xq = dsb + QB * tp, *xd = xq + QB * hd, *qp = xd + QB * hd, *dop = qp + QB * hd;
     float *s = (float *)(dop + QB * hd), *dp = s + QB * tp, *dkt = dp + QB * tp, *dvt = dkt + hd * tp;
     float *rows = dvt + hd * tp, *acc = rows + tp * hd;
-    o += oo, dout += oo, dq += oo, dk += oo, dv += oo, lse += (b * a->H + h) * T;
-    pairs_t(k, st, T, hd, tp, kp);
-    pairs_t(v, st, T, hd, tp, vq);
-    pair_rows(k, st, T, tp / 2, hd, kj);
+    o += oo, dout += oo, dq += oo, dk += b * a->gb + h * a->gh, dv += b * a->gb + h * a->gh;
+    lse += (b * a->H + h) * T;
+    if (dmask) dmask += (b * a->H + h) * T * S;
+    pairs_t(k, kt, S, hd, tp, kp);
+    pairs_t(v, kt, S, hd, tp, vq);
+    pair_rows(k, kt, S, tp / 2, hd, kj);
     memset(dkt, 0, (size_t)(2 * hd * tp) * sizeof *dkt); /* dkt and dvt */
     for (int64_t i0 = 0; i0 < T; i0 += QB) {
-        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = pad32(i0 + nq);
-        take_rows(q + i0 * st, st, nq, hd, xq);
+        const int64_t nq = T - i0 < QB ? T - i0 : QB, n = a->causal ? pad32(i0 + nq) : tp;
+        int64_t last[QB];
+        take_rows(q + i0 * qt, qt, nq, hd, xq);
         take_rows(dout + i0 * ot, ot, nq, hd, xd);
         pair_rows(xq, hd, QB, QB / 2, hd, qp);
         pair_rows(xd, hd, QB, QB / 2, hd, dop);
         for (int g = 0; g < QB; g += 4) {
-            scores(xq + g * hd, hd, kp, tp, n, 1.f, s + g * tp);
+            scores(xq + g * hd, hd, kp, tp, n, a->scale, s + g * tp);
             scores(xd + g * hd, hd, vq, tp, n, 1.f, dp + g * tp);
         }
+        add_mask(a, b, h, i0, nq, tp, s, last);
         for (int r = 0; r < QB; r++) {
             __m256 dsum = _mm256_setzero_ps();
             for (int64_t d = 0; d < hd && r < nq; d += 8)
                 dsum = _mm256_fmadd_ps(load8(xd + r * hd, d, 1), load8(o + (i0 + r) * ot, d, 1), dsum);
-            grad_row(s + r * tp, dp + r * tp, r < nq ? i0 + r : -1, n, a->scale, r < nq ? lse[i0 + r] : 0.f,
-                     hsum8(dsum));
+            /* p = e^(s - lse) and ds = p (dp - D), unscaled: dmask's */
+            grad_row(s + r * tp, dp + r * tp, last[r], n, 1.f, r < nq ? lse[i0 + r] : 0.f, hsum8(dsum));
+            if (dmask && r < nq) memcpy(dmask + (i0 + r) * S, dp + r * tp, (size_t)S * sizeof *dmask);
         }
         pair_rows_f(s, tp, QB / 2, n, pi);   /* p */
-        pair_rows_f(dp, tp, QB / 2, n, dsi); /* ds, scaled */
+        pair_rows_f(dp, tp, QB / 2, n, dsi); /* ds */
         round_rows(dp, tp, QB, n, dsb);
         for (int g = 0; g < nq; g += 4) {
             weigh(dsb + g * tp, tp, kj, n, hd, acc);
-            for (int r = g; r < nq && r < g + 4; r++) put_row(acc + (r - g) * hd, 1.f, hd, dq + (i0 + r) * ot);
+            for (int r = g; r < nq && r < g + 4; r++) put_row(acc + (r - g) * hd, a->scale, hd, dq + (i0 + r) * ot);
         }
         outer(dop, pi, tp, n, hd, dvt);
         outer(qp, dsi, tp, n, hd, dkt);
     }
     for (int t = 0; t < 2; t++) { /* dk^T and dv^T back to rows, rounded */
         stage_t(t ? dvt : dkt, tp, hd, tp, hd, rows);
-        for (int64_t j = 0; j < T; j++) put_row(rows + j * hd, 1.f, hd, (t ? dv : dk) + j * ot);
+        for (int64_t j = 0; j < S; j++) put_row(rows + j * hd, t ? 1.f : a->scale, hd, (t ? dv : dk) + j * a->gt);
     }
 }
 
@@ -254,31 +281,39 @@ static size_t buffer_bytes(int64_t T, int64_t hd, int back) {
     return (size_t)(3 * hd * tp * 2 + 3 * QB * tp * 2 + 4 * QB * hd * 2 + 2 * QB * tp * 4 + 3 * hd * tp * 4 + 4 * hd * 4);
 }
 
-/* forward: causal16_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale);
- * backward: causal16_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale) */
+/* forward: attend16_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh,
+ * mt, mask_bf, causal, scale); backward: attend16_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, the same
+ * up to causal, then dk and dv's strides gb, gh, gt, then scale) */
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
-    void *p[9];
-    int64_t v[10];
-    const int np = back ? 9 : 5;
-    const char *usage = back ? "causal16_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)"
-                             : "causal16_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale)";
-    if (nargs != np + 11) {
-        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + 11);
+    void *p[11];
+    int64_t v[22];
+    v[19] = v[20] = v[21] = 0;
+    const int np = back ? 11 : 6;
+    const char *usage = back ? "attend16_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, B, H, T, S, hd, qb, qh, "
+                               "qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt, scale)"
+                             : "attend16_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, "
+                               "mb, mh, mt, mask_bf, causal, scale)";
+    const int ni = back ? 22 : 19;
+    if (nargs != np + ni + 1) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + ni + 1);
         return NULL;
     }
-    if (qk_read_args(args, np + 10, np + 10, usage, p, np, v)) return NULL;
-    const double scale = PyFloat_AsDouble(args[np + 10]);
+    if (qk_read_args(args, np + ni, np + ni, usage, p, np, v)) return NULL;
+    const double scale = PyFloat_AsDouble(args[np + ni]);
     if (scale == -1.0 && PyErr_Occurred()) return NULL;
-    if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[3] % 32 || v[4] % 2 || v[5] % 2 || v[6] % 2 || v[7] % 2
-        || v[8] % 2 || v[9] % 2) {
-        PyErr_Format(PyExc_ValueError, "causal16 attention: B=%lld, H=%lld, T=%lld, hd=%lld do not fit (hd a "
-                     "multiple of 32, even strides)", (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3]);
+    int odd = 0;
+    for (int i = 5; i < 22; i++) odd |= i < 14 || i > 18 ? (int)(v[i] & 1) : 0;
+    if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[4] <= 0 || v[4] % 32 || odd || (v[18] && v[2] != v[3])) {
+        PyErr_Format(PyExc_ValueError, "attend16: B=%lld, H=%lld, T=%lld, S=%lld, hd=%lld do not fit (hd a multiple of "
+                     "32, even strides, T = S when causal)", (long long)v[0], (long long)v[1], (long long)v[2],
+                     (long long)v[3], (long long)v[4]);
         return NULL;
     }
-    const int qi = back ? 3 : 2;
-    const heads16 a = {p[qi], p[qi + 1], p[qi + 2], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
-                       (float)scale};
-    const size_t bytes = (buffer_bytes(a.T, a.hd, back) + 63) & ~(size_t)63;
+    const int qi = back ? 4 : 2;
+    const heads16 a = {p[qi], p[qi + 1], p[qi + 2], p[back ? 10 : 5], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+                       v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v[17], v[18], v[19], v[20],
+                       v[21], (float)scale};
+    const size_t bytes = (buffer_bytes(a.S, a.hd, back) + 63) & ~(size_t)63;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
@@ -292,7 +327,7 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
         for (int64_t task = 0; task < a.B * a.H; task++) {
             if (!buf) continue;
             if (back)
-                backward_head(&a, task / a.H, task % a.H, p[6], p[7], p[8], p[0], p[1], p[2], buf);
+                backward_head(&a, task / a.H, task % a.H, p[7], p[8], p[9], p[0], p[1], p[2], p[3], buf);
             else
                 forward_head(&a, task / a.H, task % a.H, p[0], p[1], buf);
         }
@@ -306,17 +341,17 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
 #else
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
     (void)args, (void)nargs, (void)back;
-    PyErr_SetString(PyExc_RuntimeError, "causal16 attention: built without AVX512-BF16 support");
+    PyErr_SetString(PyExc_RuntimeError, "attend16: built without AVX512-BF16 support");
     return NULL;
 }
 #endif
 
-PyObject *py_causal16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *py_attend16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return run(args, nargs, 0);
 }
 
-PyObject *py_causal16_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *py_attend16_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return run(args, nargs, 1);
 }
