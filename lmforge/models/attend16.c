@@ -19,7 +19,6 @@
  * contiguous. hd a multiple of 32. The caller checks the CPU. */
 #include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
 #include <math.h>
-#include <stdlib.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 10 || defined(__clang__))
 #include <immintrin.h>
@@ -281,6 +280,22 @@ static size_t buffer_bytes(int64_t T, int64_t hd, int back) {
     return (size_t)(3 * hd * tp * 2 + 3 * QB * tp * 2 + 4 * QB * hd * 2 + 2 * QB * tp * 4 + 3 * hd * tp * 4 + 4 * hd * 4);
 }
 
+typedef struct {
+    const heads16 *a;
+    void **p; /* run's pointers */
+} task;
+
+BF16 static void forward_task(int64_t i, char *buf, const void *ctx) {
+    const task *t = ctx;
+    forward_head(t->a, i / t->a->H, i % t->a->H, t->p[0], t->p[1], buf);
+}
+
+BF16 static void backward_task(int64_t i, char *buf, const void *ctx) {
+    const task *t = ctx;
+    void **p = t->p;
+    backward_head(t->a, i / t->a->H, i % t->a->H, p[7], p[8], p[9], p[0], p[1], p[2], p[3], buf);
+}
+
 /* forward: attend16_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh,
  * mt, mask_bf, causal, scale); backward: attend16_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, the same
  * up to causal, then dk and dv's strides gb, gh, gt, then scale) */
@@ -313,28 +328,8 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
     const heads16 a = {p[qi], p[qi + 1], p[qi + 2], p[back ? 10 : 5], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
                        v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v[17], v[18], v[19], v[20],
                        v[21], (float)scale};
-    const size_t bytes = (buffer_bytes(a.S, a.hd, back) + 63) & ~(size_t)63;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
-    {
-        char *buf = aligned_alloc(64, bytes);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < a.B * a.H; task++) {
-            if (!buf) continue;
-            if (back)
-                backward_head(&a, task / a.H, task % a.H, p[7], p[8], p[9], p[0], p[1], p[2], p[3], buf);
-            else
-                forward_head(&a, task / a.H, task % a.H, p[0], p[1], buf);
-        }
-        free(buf);
-    }
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    const task t = {&a, p};
+    if (qk_each_task(a.B * a.H, buffer_bytes(a.S, a.hd, back), back ? backward_task : forward_task, &t)) return NULL;
     Py_RETURN_NONE;
 }
 

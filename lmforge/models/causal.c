@@ -16,7 +16,6 @@
  * checks shapes, strides and the CPU (AVX2 and FMA). */
 #include "qkernel.h" /* first: it includes Python.h, which goes before the standard headers */
 #include <math.h>
-#include <stdlib.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -117,6 +116,22 @@ static void backward_head(const heads *a, int64_t b, int64_t h, const float *o, 
     }
 }
 
+typedef struct {
+    const heads *a;
+    void **p; /* run's pointers */
+} task;
+
+static void forward_task(int64_t i, char *buf, const void *ctx) {
+    const task *t = ctx;
+    forward_head(t->a, i / t->a->H, i % t->a->H, t->p[0], t->p[1], (float *)(void *)buf);
+}
+
+static void backward_task(int64_t i, char *buf, const void *ctx) {
+    const task *t = ctx;
+    void **p = t->p;
+    backward_head(t->a, i / t->a->H, i % t->a->H, p[6], p[7], p[8], p[0], p[1], p[2], (float *)(void *)buf);
+}
+
 /* forward: causal_forward(o, lse, q, k, v, B, H, T, hd, sb, sh, st, ob, oh, ot, scale);
  * backward: causal_backward(dq, dk, dv, q, k, v, o, do, lse, B, H, T, hd, sb, sh, st, ob, oh, ot, scale) */
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
@@ -140,27 +155,8 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
     const int qi = back ? 3 : 2;
     const heads a = {p[qi], p[qi + 1], p[qi + 2], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], (float)scale};
     const int64_t tp = pad16(a.T), floats = 2 * a.hd * tp + 8 * tp + 12 * a.hd + 2 * a.T * a.hd;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
-    {
-        float *buf = malloc((size_t)floats * sizeof(float));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < a.B * a.H; task++) {
-            if (!buf) continue;
-            if (back)
-                backward_head(&a, task / a.H, task % a.H, p[6], p[7], p[8], p[0], p[1], p[2], buf);
-            else
-                forward_head(&a, task / a.H, task % a.H, p[0], p[1], buf);
-        }
-        free(buf);
-    }
-    Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    const task t = {&a, p};
+    if (qk_each_task(a.B * a.H, (size_t)floats * sizeof(float), back ? backward_task : forward_task, &t)) return NULL;
     Py_RETURN_NONE;
 }
 

@@ -374,6 +374,27 @@ static void dequantize(float *out, const uint8_t *w, int64_t n, int64_t k, int64
     }
 }
 
+int qk_each_task(int64_t n, size_t bytes, void (*fn)(int64_t task, char *buf, const void *ctx), const void *ctx) {
+    int failed = 0;
+    bytes = (bytes + 63) & ~(size_t)63;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+        char *buf = aligned_alloc(64, bytes);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n; task++)
+            if (buf) fn(task, buf, ctx);
+        free(buf);
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) PyErr_NoMemory();
+    return failed ? -1 : 0;
+}
+
 int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
                  int64_t *v) {
     if (nargs != want) {

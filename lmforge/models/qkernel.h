@@ -36,6 +36,11 @@ void qk_products(float *y, const int16_t *qx, const float *dsx, int64_t rows, in
 int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, void **p, int np,
                  int64_t *v);
 
+/* fn(task, buf, ctx) for tasks 0 .. n - 1, shared among torch's OpenMP threads one at a time
+ * (dynamic: heads of uneven cost), each thread with a 64-byte-aligned buffer of `bytes`, the GIL
+ * released; 0, or -1 with MemoryError set when a buffer could not be had (causal.c, attend16.c). */
+int qk_each_task(int64_t n, size_t bytes, void (*fn)(int64_t task, char *buf, const void *ctx), const void *ctx);
+
 /* qstep.c's pieces that fstep.c shares. out = x / sqrt(mean(x^2) + eps) * g: */
 void qk_rmsnorm(const float *x, const float *g, int64_t d, float eps, float *out);
 /* x (n heads of hd) rotated in place: x cos + rotate_half(x) sin (HF's rotate-half RoPE). */
