@@ -50,7 +50,7 @@ KERNEL_MIN_SCORES = 1 << 18  # B·H·T·S below which kernel_pays keeps torch's 
 # lmforge/models/causal.c: AVX2 and FMA, float32, causal; attend16.c: AVX512-BF16, bfloat16
 _CAUSAL_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 _ATTEND_BF16 = (_CAUSAL_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
-                and torch.cpu._is_avx512_bf16_supported())
+                and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
