@@ -46,6 +46,53 @@ static inline uint32_t pair_at(const uint16_t *p) { /* two bfloat16 as one 32-bi
 #define BCAST(u) ((__m512bh)_mm512_set1_epi32((int)(u)))
 #define LOADBH(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
 
+/* e^x in sixteen lanes: simd.h's exp8, its 2^n by scalef */
+BF16 static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    return _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f)), n);
+}
+
+/* the lanes of columns c .. c + 15 at or before `last` */
+BF16 static inline __mmask16 visible(int64_t last, int64_t c) {
+    return _mm512_cmpgt_epi32_mask(_mm512_set1_epi32((int)(last + 1 - c)),
+                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+/* simd.h's softmax_row in sixteen lanes */
+BF16 static float softmax16(float *s, int64_t last, int64_t n, float *inv) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < n; c += 16) mx = _mm512_mask_max_ps(mx, visible(last, c), mx, _mm512_loadu_ps(s + c));
+    const float m = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < n; c += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(visible(last, c), exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), mv)));
+        _mm512_storeu_ps(s + c, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    *inv = last < 0 ? 0.f : 1.f / _mm512_reduce_add_ps(sum);
+    return m;
+}
+
+/* the backward's row: p = e^(s - lse) for the visible keys (0 past last) into s, ds = p (dp - D) into dp */
+BF16 static void grad16(float *s, float *dp, int64_t last, int64_t n, float lse, float D) {
+    const __m512 l = _mm512_set1_ps(lse), dv = _mm512_set1_ps(D);
+    for (int64_t c = 0; c < n; c += 16) {
+        const __m512 p = _mm512_maskz_mov_ps(visible(last, c), exp16(_mm512_sub_ps(_mm512_loadu_ps(s + c), l)));
+        _mm512_storeu_ps(s + c, p);
+        _mm512_storeu_ps(dp + c, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + c), dv)));
+    }
+}
 /* out (npairs x hd x 2) = rows 2 r2 and 2 r2 + 1 of x (stride xs) interleaved, rows past n 0 */
 BF16 static void pair_rows(const uint16_t *x, int64_t xs, int64_t n, int64_t npairs, int64_t hd, uint16_t *out) {
     for (int64_t r2 = 0; r2 < npairs; r2++)
@@ -209,7 +256,7 @@ BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *
         add_mask(a, b, h, i0, nq, tp, s, last);
         float inv[QB];
         for (int r = 0; r < QB; r++) {
-            const float m = softmax_row(s + r * tp, last[r], n, inv + r);
+            const float m = softmax16(s + r * tp, last[r], n, inv + r);
             if (r < nq) lse[i0 + r] = m - logf(inv[r]);
         }
         round_rows(s, tp, QB, n, pb);
@@ -254,7 +301,7 @@ BF16 static void backward_head(const heads16 *a, int64_t b, int64_t h, const uin
             for (int64_t d = 0; d < hd && r < nq; d += 8)
                 dsum = _mm256_fmadd_ps(load8(xd + r * hd, d, 1), load8(o + (i0 + r) * ot, d, 1), dsum);
             /* p = e^(s - lse) and ds = p (dp - D), unscaled: dmask's */
-            grad_row(s + r * tp, dp + r * tp, last[r], n, 1.f, r < nq ? lse[i0 + r] : 0.f, hsum8(dsum));
+            grad16(s + r * tp, dp + r * tp, last[r], n, r < nq ? lse[i0 + r] : 0.f, hsum8(dsum));
             if (dmask && r < nq) memcpy(dmask + (i0 + r) * S, dp + r * tp, (size_t)S * sizeof *dmask);
         }
         pair_rows_f(s, tp, QB / 2, n, pi);   /* p */
