@@ -456,6 +456,8 @@ static PyMethodDef methods[] = {
     {"attend_rows", (PyCFunction)(void (*)(void))py_attend_rows, METH_FASTCALL, "Attention over packed rows (see rowattn.c)."},
     {"causal_forward", (PyCFunction)(void (*)(void))py_causal_forward, METH_FASTCALL, "Causal attention, forward (see causal.c)."},
     {"causal_backward", (PyCFunction)(void (*)(void))py_causal_backward, METH_FASTCALL, "Causal attention, backward (see causal.c)."},
+    {"rmsnorm_forward", (PyCFunction)(void (*)(void))py_rmsnorm_forward, METH_FASTCALL, "RMSNorm for training, forward (see rmsnorm.c)."},
+    {"rmsnorm_backward", (PyCFunction)(void (*)(void))py_rmsnorm_backward, METH_FASTCALL, "RMSNorm for training, backward (see rmsnorm.c)."},
     {"attend16_forward", (PyCFunction)(void (*)(void))py_attend16_forward, METH_FASTCALL, "bfloat16 attention for training, forward (see attend16.c)."},
     {"attend16_backward", (PyCFunction)(void (*)(void))py_attend16_backward, METH_FASTCALL, "bfloat16 attention for training, backward (see attend16.c)."},
     {NULL, NULL, 0, NULL},

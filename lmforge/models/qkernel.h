@@ -1,7 +1,7 @@
 /* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step), fstep.c (a whole
  * float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c (attention over packed
- * rows), causal.c (causal attention for training) and attend16.c (attention
- * for training in bfloat16) share. */
+ * rows), causal.c (causal attention for training), attend16.c (attention for
+ * training in bfloat16) and rmsnorm.c (RMSNorm for training) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
@@ -85,6 +85,8 @@ PyObject *py_gelu_tanh(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_causal_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_causal_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_rmsnorm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_rmsnorm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend16_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 #endif

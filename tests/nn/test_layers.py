@@ -123,3 +123,28 @@ def test_gelu_tanh_kernel_matches_torch(dtype):
                                                           else tol))
     if dtype == torch.bfloat16:  # the same values as torch's bfloat16 GELU, to one rounding
         assert (y.float() - F.gelu(x.detach(), approximate="tanh").float()).abs().max() <= 2 ** -7 * y.abs().max()
+
+
+@pytest.mark.skipif(not L_act._RMS_C, reason="lmforge's C kernels are not built, or the CPU lacks AVX2")
+@pytest.mark.parametrize("shape", [(3, 37, 256), (5, 64), (1, 8)])
+def test_rmsnorm_kernel_matches_float64(shape):
+    """RMSNorm for float32 training by the C kernel (lmforge/models/rmsnorm.c): output and the input
+    and weight gradients within float32 round-off of float64 F.rms_norm; a strided input; row
+    counts that do not split evenly over the threads."""
+    torch.manual_seed(0)
+    norm = L_act.RMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]) * 0.2 + 1)
+    x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2].requires_grad_()  # not contiguous
+    dy = torch.randn(shape)
+    y = norm(x)
+    assert type(y.grad_fn).__name__.startswith("RMSNormFn")
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = F.rms_norm(x64, (shape[-1],), w64, 1e-6)
+    y64.backward(dy.double())
+    for got, want in ((y, y64), (x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
+    with torch.no_grad():  # inference, and rows the kernel does not take, stay with F.rms_norm
+        assert norm(x).grad_fn is None
+    assert type(L_act.RMSNorm(12, 1e-6)(torch.randn(2, 12, requires_grad=True)).grad_fn).__name__ != "RMSNormFnBackward"
