@@ -46,21 +46,8 @@ static inline uint32_t pair_at(const uint16_t *p) { /* two bfloat16 as one 32-bi
 #define BCAST(u) ((__m512bh)_mm512_set1_epi32((int)(u)))
 #define LOADBH(p) ((__m512bh)_mm512_loadu_si512((const void *)(p)))
 
-/* e^x in sixteen lanes: simd.h's exp8, its 2^n by scalef */
-BF16 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    return _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f)), n);
-}
+#define ROUND16(v) _mm512_roundscale_ps((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+DEFINE_EXP(exp16, BF16, __m512, _mm512, ROUND16, _mm512_scalef_ps) /* e^x in sixteen lanes (simd.h) */
 
 /* the lanes of columns c .. c + 15 at or before `last` */
 BF16 static inline __mmask16 visible(int64_t last, int64_t c) {

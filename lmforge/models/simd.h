@@ -7,24 +7,29 @@
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
-/* e^x in eight lanes, within 2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a
- * polynomial, times 2^n made in the exponent bits) */
-AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+/* e^x within 2 ulp, as a function NAME(V x) of a vector type V with intrinsics prefix W (_mm256,
+ * _mm512), compiled with ATTR: Cephes' expf, x = n ln2 + r with |r| <= ln2 / 2, e^r by a
+ * polynomial, then times 2^n by TIMES_2N(y, n); ROUND(v) rounds to the nearest integer */
+#define DEFINE_EXP(NAME, ATTR, V, W, ROUND, TIMES_2N)                                                  \
+    ATTR static inline V NAME(V x) {                                                                  \
+        x = W##_max_ps(W##_min_ps(x, W##_set1_ps(88.3f)), W##_set1_ps(-87.3f));                      \
+        const V n = ROUND(W##_mul_ps(x, W##_set1_ps(1.44269504088896341f)));                          \
+        V r = W##_fnmadd_ps(n, W##_set1_ps(0.693359375f), x);                                         \
+        r = W##_fnmadd_ps(n, W##_set1_ps(-2.12194440e-4f), r);                                        \
+        V p = W##_set1_ps(1.9875691500e-4f);                                                          \
+        p = W##_fmadd_ps(p, r, W##_set1_ps(1.3981999507e-3f));                                        \
+        p = W##_fmadd_ps(p, r, W##_set1_ps(8.3334519073e-3f));                                        \
+        p = W##_fmadd_ps(p, r, W##_set1_ps(4.1665795894e-2f));                                        \
+        p = W##_fmadd_ps(p, r, W##_set1_ps(1.6666665459e-1f));                                        \
+        p = W##_fmadd_ps(p, r, W##_set1_ps(5.0000001201e-1f));                                        \
+        return TIMES_2N(W##_add_ps(W##_fmadd_ps(W##_mul_ps(p, r), r, r), W##_set1_ps(1.f)), n);       \
+    }
+
+#define ROUND8(v) _mm256_round_ps((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* y 2^n with 2^n made in the exponent bits */
+#define TIMES_2N_8(y, n) \
+    _mm256_mul_ps((y), _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))
+DEFINE_EXP(exp8, AVX2, __m256, _mm256, ROUND8, TIMES_2N_8) /* e^x in eight lanes */
 
 /* the largest, and the sum, of the eight lanes */
 AVX2 static inline float hmax8(__m256 v) {
