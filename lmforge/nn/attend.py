@@ -216,17 +216,22 @@ def _may_use_kernel(q, k, v, mask, causal, dropout_p, gqa) -> bool:
     """Whether lmforge's C kernels can take this attention: training (a gradient wanted) on CPU,
     without dropout or GQA; float32 causal self-attention without a mask (causal.c), or bfloat16
     with or without an additive float mask (attend16.c)."""
-    B, H, T, hd = q.shape
+    (B, H, T, hd), full = q.shape, (*q.shape[:3], k.shape[2])
     if q.dtype == torch.float32:
         fits = _CAUSAL_C and causal and k.shape[2] == T and hd % 16 == 0
     else:
         fits = (_ATTEND_BF16 and q.dtype == torch.bfloat16 and hd % 32 == 0
                 and (mask is None or (mask.dtype in (torch.float32, torch.bfloat16) and mask.dim() <= 4
-                                      and torch.broadcast_shapes(mask.shape, (B, H, T, k.shape[2])) == (B, H, T, k.shape[2]))))
+                                      and torch.broadcast_shapes(mask.shape, full) == full)))
     return (fits and not dropout_p and not gqa and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == hd and T > 1
             and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             and not torch.compiler.is_compiling())
+
+
+def _four(shape) -> tuple:
+    """A mask's shape with leading 1s up to four dimensions, as it broadcasts against (B, H, T, S)."""
+    return (1,) * (4 - len(shape)) + tuple(shape)
 
 
 def _even(t: torch.Tensor) -> torch.Tensor:
@@ -252,7 +257,7 @@ class KernelAttention(torch.autograd.Function):
         (B, H, T, hd), S = q.shape, k.shape[2]
         o, lse = q.new_empty(B, T, H, hd).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
         if q.dtype == torch.bfloat16:
-            m = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, H, T, S)
+            m = None if mask is None else mask.reshape(_four(mask.shape)).expand(B, H, T, S)
             if m is not None and m.stride(-1) != 1:
                 m = m.contiguous()
             mask_args = (0, 0, 0, 0) if m is None else (*m.stride()[:3], int(m.dtype == torch.bfloat16))
@@ -290,10 +295,8 @@ class KernelAttention(torch.autograd.Function):
             B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], *ctx.mask_args, int(ctx.causal),
             *dk.stride()[:3], float(ctx.scale))
         if dmask is not None:  # summed over the dimensions the mask broadcast along
-            shape = ctx.mask_shape
-            full = (1,) * (4 - len(shape)) + tuple(shape)
-            dims = [d for d in range(4) if full[d] == 1]
-            dmask = (dmask.sum(dims, keepdim=True) if dims else dmask).reshape(shape).to(m.dtype)
+            dims = [d for d, n in enumerate(_four(ctx.mask_shape)) if n == 1]
+            dmask = (dmask.sum(dims, keepdim=True) if dims else dmask).reshape(ctx.mask_shape).to(m.dtype)
         return dq, dk, dv, dmask, None, None
 
 
@@ -308,8 +311,7 @@ def kernel_pays(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, cau
     little, it is not measured and torch's path stays."""
     (B, H, T, hd), S = q.shape, k.shape[2]
     T, S = bucket(T), bucket(S)
-    full = None if mask is None else (1,) * (4 - mask.dim()) + tuple(mask.shape)
-    m_shape = None if full is None else tuple(1 if d == 1 else n for d, n in zip(full, (B, H, T, S)))
+    m_shape = None if mask is None else tuple(1 if d == 1 else n for d, n in zip(_four(mask.shape), (B, H, T, S)))
     m_grad = mask is not None and mask.requires_grad
     key = (B, H, T, S, hd, q.dtype, m_shape, None if mask is None else mask.dtype, m_grad, causal)
     if key not in _KERNEL:
