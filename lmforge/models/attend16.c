@@ -1,6 +1,6 @@
 /* Scaled dot-product attention in bfloat16 for training under autocast, forward and backward,
  * per (batch, head): FlashAttention's recomputation from the log-sum-exp (Dao et al. 2022) with one
- * head's keys and values whole in cache, as causal.c, and every product on AVX512-BF16's pair dot
+ * head's keys and values whole in cache, as attend32.c, and every product on AVX512-BF16's pair dot
  * product (vdpbf16ps: each float32 lane gains a0 b0 + a1 b1), so the operand that runs along a
  * product's sum is staged in pairs along it:
  *
@@ -27,13 +27,6 @@
 #define BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))
 enum { QB = 16 }; /* queries per block: 8 pairs for the sums over queries */
-
-typedef struct {
-    const uint16_t *q, *k, *v;
-    const void *mask;
-    int64_t B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt;
-    float scale;
-} heads16;
 
 static inline int64_t pad32(int64_t t) { return (t + 31) & ~(int64_t)31; }
 
@@ -211,23 +204,19 @@ BF16 static void pairs_t(const uint16_t *x, int64_t xs, int64_t T, int64_t hd, i
 }
 
 /* the block's score rows (QB x tp) plus the mask's rows i0 .., and each row's last visible key */
-BF16 static void add_mask(const heads16 *a, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t tp, float *s,
+BF16 static void add_mask(const qk_attention *a, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t tp, float *s,
                           int64_t *last) {
     for (int64_t r = 0; r < QB; r++) {
         last[r] = r >= nq ? -1 : a->causal ? i0 + r : a->S - 1;
         if (!a->mask || r >= nq) continue;
-        const int64_t at = b * a->mb + h * a->mh + (i0 + r) * a->mt;
-        const int64_t whole = a->S & ~(int64_t)7;
-        float *row = s + r * tp;
-        for (int64_t c = 0; c < whole; c += 8)
-            _mm256_storeu_ps(row + c, _mm256_add_ps(_mm256_loadu_ps(row + c), load8(a->mask, at + c, (int)a->mask_bf)));
-        for (int64_t c = whole; c < a->S; c++) row[c] += load1(a->mask, at + c, (int)a->mask_bf);
+        add_row(s + r * tp, a->mask, b * a->mb + h * a->mh + (i0 + r) * a->mt, a->S, (int)a->mask_bf);
     }
 }
 
-BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *o, float *lse, char *buf) {
+BF16 static void forward_head(const qk_attention *a, int64_t b, int64_t h, uint16_t *o, float *lse, char *buf) {
     const int64_t T = a->T, S = a->S, hd = a->hd, tp = pad32(S), qt = a->qt, kt = a->kt;
-    const uint16_t *q = a->q + b * a->qb + h * a->qh, *k = a->k + b * a->kb + h * a->kh, *v = a->v + b * a->kb + h * a->kh;
+    const uint16_t *q = (const uint16_t *)a->q + b * a->qb + h * a->qh;
+    const uint16_t *k = (const uint16_t *)a->k + b * a->kb + h * a->kh, *v = (const uint16_t *)a->v + b * a->kb + h * a->kh;
     uint32_t *kp = (uint32_t *)buf;
     uint16_t *vp = (uint16_t *)(kp + hd / 2 * tp), *pb = vp + tp * hd, *xq = pb + QB * tp;
     float *s = (float *)(xq + QB * hd), *acc = s + QB * tp;
@@ -254,11 +243,12 @@ BF16 static void forward_head(const heads16 *a, int64_t b, int64_t h, uint16_t *
     }
 }
 
-BF16 static void backward_head(const heads16 *a, int64_t b, int64_t h, const uint16_t *o, const uint16_t *dout,
+BF16 static void backward_head(const qk_attention *a, int64_t b, int64_t h, const uint16_t *o, const uint16_t *dout,
                                const float *lse, uint16_t *dq, uint16_t *dk, uint16_t *dv, float *dmask, char *buf) {
     const int64_t T = a->T, S = a->S, hd = a->hd, tp = pad32(S), qt = a->qt, kt = a->kt, ot = a->ot;
     const int64_t oo = b * a->ob + h * a->oh;
-    const uint16_t *q = a->q + b * a->qb + h * a->qh, *k = a->k + b * a->kb + h * a->kh, *v = a->v + b * a->kb + h * a->kh;
+    const uint16_t *q = (const uint16_t *)a->q + b * a->qb + h * a->qh;
+    const uint16_t *k = (const uint16_t *)a->k + b * a->kb + h * a->kh, *v = (const uint16_t *)a->v + b * a->kb + h * a->kh;
     uint32_t *kp = (uint32_t *)buf, *vq = kp + hd / 2 * tp;
     uint16_t *kj = (uint16_t *)(vq + hd / 2 * tp), *pi = kj + tp * hd, *dsi = pi + QB * tp, *dsb = dsi + QB * tp;
     uint16_t *xq = dsb + QB * tp, *xd = xq + QB * hd, *qp = xd + QB * hd, *dop = qp + QB * hd;
@@ -315,7 +305,7 @@ static size_t buffer_bytes(int64_t T, int64_t hd, int back) {
 }
 
 typedef struct {
-    const heads16 *a;
+    const qk_attention *a;
     void **p; /* run's pointers */
 } task;
 
@@ -330,38 +320,10 @@ BF16 static void backward_task(int64_t i, char *buf, const void *ctx) {
     backward_head(t->a, i / t->a->H, i % t->a->H, p[7], p[8], p[9], p[0], p[1], p[2], p[3], buf);
 }
 
-/* forward: attend16_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh,
- * mt, mask_bf, causal, scale); backward: attend16_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, the same
- * up to causal, then dk and dv's strides gb, gh, gt, then scale) */
 static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
-    void *p[11];
-    int64_t v[22];
-    v[19] = v[20] = v[21] = 0;
-    const int np = back ? 11 : 6;
-    const char *usage = back ? "attend16_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, B, H, T, S, hd, qb, qh, "
-                               "qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt, scale)"
-                             : "attend16_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, "
-                               "mb, mh, mt, mask_bf, causal, scale)";
-    const int ni = back ? 22 : 19;
-    if (nargs != np + ni + 1) {
-        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + ni + 1);
-        return NULL;
-    }
-    if (qk_read_args(args, np + ni, np + ni, usage, p, np, v)) return NULL;
-    const double scale = PyFloat_AsDouble(args[np + ni]);
-    if (scale == -1.0 && PyErr_Occurred()) return NULL;
-    int odd = 0;
-    for (int i = 5; i < 22; i++) odd |= i < 14 || i > 18 ? (int)(v[i] & 1) : 0;
-    if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[4] <= 0 || v[4] % 32 || odd || (v[18] && v[2] != v[3])) {
-        PyErr_Format(PyExc_ValueError, "attend16: B=%lld, H=%lld, T=%lld, S=%lld, hd=%lld do not fit (hd a multiple of "
-                     "32, even strides, T = S when causal)", (long long)v[0], (long long)v[1], (long long)v[2],
-                     (long long)v[3], (long long)v[4]);
-        return NULL;
-    }
-    const int qi = back ? 4 : 2;
-    const heads16 a = {p[qi], p[qi + 1], p[qi + 2], p[back ? 10 : 5], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
-                       v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v[17], v[18], v[19], v[20],
-                       v[21], (float)scale};
+    void *p[QK_ATTENTION_POINTERS];
+    qk_attention a;
+    if (qk_attention_args(args, nargs, back, "attend16", 32, 1, p, &a)) return NULL;
     const task t = {&a, p};
     if (qk_each_task(a.B * a.H, buffer_bytes(a.S, a.hd, back), back ? backward_task : forward_task, &t)) return NULL;
     Py_RETURN_NONE;

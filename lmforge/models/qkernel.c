@@ -408,6 +408,39 @@ int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const
     return 0;
 }
 
+int qk_attention_args(PyObject *const *args, Py_ssize_t nargs, int back, const char *name, int64_t hd_multiple,
+                      int even, void **p, qk_attention *a) {
+    char usage[400];
+    snprintf(usage, sizeof usage, back ? "%s_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, B, H, T, S, hd, "
+                                         "qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt, scale)"
+                                       : "%s_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, "
+                                         "oh, ot, mb, mh, mt, mask_bf, causal, scale)", name);
+    const int np = back ? 11 : 6, ni = back ? 22 : 19;
+    int64_t v[22];
+    v[19] = v[20] = v[21] = 0;
+    if (nargs != np + ni + 1) {
+        PyErr_Format(PyExc_TypeError, "%s takes %d arguments", usage, np + ni + 1);
+        return -1;
+    }
+    if (qk_read_args(args, np + ni, np + ni, usage, p, np, v)) return -1;
+    const double scale = PyFloat_AsDouble(args[np + ni]);
+    if (scale == -1.0 && PyErr_Occurred()) return -1;
+    int odd = 0;
+    for (int i = 5; i < 22; i++) odd |= even && (i < 14 || i > 18) ? (int)(v[i] & 1) : 0;
+    if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[3] <= 0 || v[4] <= 0 || v[4] % hd_multiple || odd || (v[18] && v[2] != v[3])) {
+        PyErr_Format(PyExc_ValueError, "%s: B=%lld, H=%lld, T=%lld, S=%lld, hd=%lld do not fit (hd a multiple of %lld, %s"
+                     "T = S when causal)", name, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3],
+                     (long long)v[4], (long long)hd_multiple, even ? "even strides, " : "");
+        return -1;
+    }
+    const int qi = back ? 4 : 2;
+    const qk_attention at = {p[qi], p[qi + 1], p[qi + 2], p[back ? 10 : 5], v[0], v[1], v[2], v[3], v[4], v[5], v[6],
+                             v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v[17], v[18], v[19],
+                             v[20], v[21], (float)scale};
+    *a = at;
+    return 0;
+}
+
 /* matmul(y, x, w, rows, n, k, nb, bits, simd): y (rows, n) and x (rows, k) contiguous float32,
  * w as `pack` made it; the caller checks shapes and dtypes. */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -454,8 +487,8 @@ static PyMethodDef methods[] = {
     {"gather_rows", (PyCFunction)(void (*)(void))py_gather_rows, METH_FASTCALL, "A KV cache's rows reordered (see fstep.c)."},
     {"gelu_tanh", (PyCFunction)(void (*)(void))py_gelu_tanh, METH_FASTCALL, "tanh-GELU or its input gradient (see gelu.c)."},
     {"attend_rows", (PyCFunction)(void (*)(void))py_attend_rows, METH_FASTCALL, "Attention over packed rows (see rowattn.c)."},
-    {"causal_forward", (PyCFunction)(void (*)(void))py_causal_forward, METH_FASTCALL, "Causal attention, forward (see causal.c)."},
-    {"causal_backward", (PyCFunction)(void (*)(void))py_causal_backward, METH_FASTCALL, "Causal attention, backward (see causal.c)."},
+    {"attend32_forward", (PyCFunction)(void (*)(void))py_attend32_forward, METH_FASTCALL, "float32 attention for training, forward (see attend32.c)."},
+    {"attend32_backward", (PyCFunction)(void (*)(void))py_attend32_backward, METH_FASTCALL, "float32 attention for training, backward (see attend32.c)."},
     {"rmsnorm_forward", (PyCFunction)(void (*)(void))py_rmsnorm_forward, METH_FASTCALL, "RMSNorm for training, forward (see rmsnorm.c)."},
     {"rmsnorm_backward", (PyCFunction)(void (*)(void))py_rmsnorm_backward, METH_FASTCALL, "RMSNorm for training, backward (see rmsnorm.c)."},
     {"attend16_forward", (PyCFunction)(void (*)(void))py_attend16_forward, METH_FASTCALL, "bfloat16 attention for training, forward (see attend16.c)."},

@@ -1,7 +1,7 @@
 /* What qkernel.c (the 4/8-bit products), qstep.c (a whole 4-bit decoding step), fstep.c (a whole
  * float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c (attention over packed
- * rows), causal.c (causal attention for training), attend16.c (attention for
- * training in bfloat16) and rmsnorm.c (RMSNorm for training) share. */
+ * rows), attend32.c and attend16.c (attention for training in float32 and bfloat16) and rmsnorm.c
+ * (RMSNorm for training) share. */
 #ifndef LMFORGE_QKERNEL_H
 #define LMFORGE_QKERNEL_H
 #define PY_SSIZE_T_CLEAN
@@ -38,8 +38,28 @@ int qk_read_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const
 
 /* fn(task, buf, ctx) for tasks 0 .. n - 1, shared among torch's OpenMP threads one at a time
  * (dynamic: heads of uneven cost), each thread with a 64-byte-aligned buffer of `bytes`, the GIL
- * released; 0, or -1 with MemoryError set when a buffer could not be had (causal.c, attend16.c). */
+ * released; 0, or -1 with MemoryError set when a buffer could not be had (attend32.c, attend16.c). */
 int qk_each_task(int64_t n, size_t bytes, void (*fn)(int64_t task, char *buf, const void *ctx), const void *ctx);
+
+/* The arguments of attend32.c's and attend16.c's attention for training (see attend16.c for the
+ * layouts): q (B, H, T, hd) with strides (qb, qh, qt); k and v (B, H, S, hd) sharing (kb, kh, kt);
+ * o, do and dq (ob, oh, ot); dk and dv (gb, gh, gt); an additive mask (null: none) with strides
+ * (mb, mh, mt), bfloat16 when mask_bf; causal: query i sees keys 0 .. i (T = S). */
+typedef struct {
+    const void *q, *k, *v, *mask;
+    int64_t B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb, mh, mt, mask_bf, causal, gb, gh, gt;
+    float scale;
+} qk_attention;
+
+enum { QK_ATTENTION_POINTERS = 11 };
+
+/* Reads NAME_forward(o, lse, q, k, v, mask, B, H, T, S, hd, qb, qh, qt, kb, kh, kt, ob, oh, ot, mb,
+ * mh, mt, mask_bf, causal, scale) or NAME_backward(dq, dk, dv, dmask, q, k, v, o, do, lse, mask, the
+ * same sizes up to causal, gb, gh, gt, scale) into p (the pointers as listed, at most
+ * QK_ATTENTION_POINTERS) and *a, and checks that the sizes fit: hd a multiple of hd_multiple,
+ * strides even where `even` (bfloat16 pairs), T = S when causal. 0, or -1 with an exception set. */
+int qk_attention_args(PyObject *const *args, Py_ssize_t nargs, int back, const char *name, int64_t hd_multiple,
+                      int even, void **p, qk_attention *a);
 
 /* qstep.c's pieces that fstep.c shares. out = x / sqrt(mean(x^2) + eps) * g: */
 void qk_rmsnorm(const float *x, const float *g, int64_t d, float eps, float *out);
@@ -83,8 +103,8 @@ PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gelu_tanh(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *py_causal_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *py_causal_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_attend32_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_attend32_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_rmsnorm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_rmsnorm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_attend16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

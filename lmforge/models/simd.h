@@ -1,5 +1,5 @@
 /* AVX2 pieces that fstep.c (a float32 decoding step), gelu.c (tanh-GELU for training), rowattn.c
- * (attention over packed rows), causal.c and attend16.c (attention for training) share.
+ * (attention over packed rows), attend32.c and attend16.c (attention for training) share.
  * Include after <immintrin.h>, on x86-64 with GCC or clang; the functions are compiled for
  * AVX2 and FMA by attribute, so callers choose them at run time (__builtin_cpu_supports). */
 #ifndef LMFORGE_SIMD_H
@@ -64,7 +64,15 @@ AVX2 static inline void store8(void *p, int64_t i, __m256 v, int bf) {
                      _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
-/* Attention in tiles of 4 queries (rowattn.c, causal.c), the keys staged transposed in mt (hd x tp) */
+/* row (n floats) += the mask's n elements from `at` (float32, or bfloat16 when bf) */
+AVX2 static inline void add_row(float *row, const void *mask, int64_t at, int64_t n, int bf) {
+    const int64_t whole = n & ~(int64_t)7;
+    for (int64_t c = 0; c < whole; c += 8)
+        _mm256_storeu_ps(row + c, _mm256_add_ps(_mm256_loadu_ps(row + c), load8(mask, at + c, bf)));
+    for (int64_t c = whole; c < n; c++) row[c] += load1(mask, at + c, bf);
+}
+
+/* Attention in tiles of 4 queries (rowattn.c, attend32.c), the keys staged transposed in mt (hd x tp) */
 
 /* s (4 x tp) = a (4 x hd) times the staged mt (hd x tp), columns 0 .. n (a multiple of 16) */
 AVX2 static inline void scores4(const float *a, const float *mt, int64_t tp, int64_t n, int64_t hd, float *s) {

@@ -3,7 +3,7 @@ measure faster (bfloat16 training; inference over short sequences).
 
     attend       softmax(q k^T · scale + mask) v, as F.scaled_dot_product_attention
     attend_rows  the same over packed rows (each sequence's real tokens), without gradients
-    KernelAttention  attention for training by C kernels where they pay (float32 causal; bfloat16)
+    KernelAttention  attention for training by C kernels where they pay (float32, bfloat16)
 
 On CPU, SDPA's flash kernel runs its backward in bfloat16 at a fraction of the matrix
 instructions' speed for short sequences: on a 2-core Zen 4 EPYC (AVX512-BF16), batch 16 × 6
@@ -47,9 +47,9 @@ ROWS_PROBE = 8192  # rows_pay measures at most this many packed rows (sequences 
 _ROWS: dict[tuple, bool] = {}  # sequences, length, heads, kv heads, head size, dtype (bucketed) -> rows_pay
 _KERNEL: dict[tuple, bool] = {}  # shapes (lengths bucketed), dtype, mask, causal -> kernel_pays
 KERNEL_MIN_SCORES = 1 << 18  # B·H·T·S below which kernel_pays keeps torch's path without measuring
-# lmforge/models/causal.c: AVX2 and FMA, float32, causal; attend16.c: AVX512-BF16, bfloat16
-_CAUSAL_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-_ATTEND_BF16 = (_CAUSAL_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
+# lmforge/models/attend32.c: AVX2 and FMA, float32; attend16.c: AVX512-BF16, bfloat16
+_ATTEND_C = qkernel.available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_ATTEND_BF16 = (_ATTEND_C and torch.backends.cpu.get_cpu_capability() == "AVX512"
                 and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
@@ -214,16 +214,17 @@ def rows_pay(sequences: int, longest: int, n_heads: int, n_kv: int, hd: int, dty
 
 def _may_use_kernel(q, k, v, mask, causal, dropout_p, gqa) -> bool:
     """Whether lmforge's C kernels can take this attention: training (a gradient wanted) on CPU,
-    without dropout or GQA; float32 causal self-attention without a mask (causal.c), or bfloat16
-    with or without an additive float mask (attend16.c)."""
+    without dropout or GQA, with or without an additive float mask or a causal flag; float32
+    (attend32.c, hd a multiple of 16) or bfloat16 (attend16.c, hd a multiple of 32)."""
     (B, H, T, hd), full = q.shape, (*q.shape[:3], k.shape[2])
     if q.dtype == torch.float32:
-        fits = _CAUSAL_C and causal and k.shape[2] == T and hd % 16 == 0
+        fits = _ATTEND_C and hd % 16 == 0
     else:
-        fits = (_ATTEND_BF16 and q.dtype == torch.bfloat16 and hd % 32 == 0
-                and (mask is None or (mask.dtype in (torch.float32, torch.bfloat16) and mask.dim() <= 4
-                                      and torch.broadcast_shapes(mask.shape, full) == full)))
-    return (fits and not dropout_p and not gqa and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+        fits = _ATTEND_BF16 and q.dtype == torch.bfloat16 and hd % 32 == 0
+    return (fits and (mask is None or (mask.dtype in (torch.float32, torch.bfloat16) and mask.dim() <= 4
+                                       and torch.broadcast_shapes(mask.shape, full) == full))
+            and not (causal and k.shape[2] != T)
+            and not dropout_p and not gqa and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
             and k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == hd and T > 1
             and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             and not torch.compiler.is_compiling())
@@ -241,36 +242,34 @@ def _even(t: torch.Tensor) -> torch.Tensor:
 
 class KernelAttention(torch.autograd.Function):
     """Attention for training by lmforge's C kernels, FlashAttention's recomputation per (batch,
-    head) with one head's keys whole in cache: float32 causal self-attention (lmforge/models/causal.c,
-    AVX2), and bfloat16 with a causal flag or an additive mask, its gradient included (attend16.c,
-    AVX512-BF16, float32 inside: T5's relative position bias is a mask that learns). The output and
-    gradients come in a (B, T, H, hd) layout, so the caller's transposes need no copy. On a 2-core
-    Zen 4 EPYC, 8 x 6 heads x 256 x 64 (a GPT-2-like layer), forward and backward: float32
-    10.3-12.1 ms against SDPA's 21.2-24.0; bfloat16 7.6-8.9 ms against 16-22 for `_explicit`'s
-    products and 33-41 for SDPA. Taken where `kernel_pays`."""
+    head) with one head's keys whole in cache, with a causal flag or an additive mask, its gradient
+    included (T5's relative position bias is a mask that learns): float32 in AVX2
+    (lmforge/models/attend32.c), bfloat16 on AVX512-BF16's pair products (attend16.c, float32
+    inside). The output and gradients come in a (B, T, H, hd) layout, so the caller's transposes
+    need no copy. On a 2-core Zen 4 EPYC, 8 x 6 heads x 256 x 64 causal (a GPT-2-like layer),
+    forward and backward: float32 10.3-12.1 ms against SDPA's 21.2-24.0; bfloat16 7.6-8.9 ms
+    against 16-22 for `_explicit`'s products and 33-41 for SDPA. Taken where `kernel_pays`."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale):
-        q, k, v = _even(q), _even(k), _even(v)
+        bf = q.dtype == torch.bfloat16
+        if bf:  # pairs of bfloat16
+            q, k, v = _even(q), _even(k), _even(v)
         if k.stride() != v.stride():
             k, v = k.contiguous(), v.contiguous()
         (B, H, T, hd), S = q.shape, k.shape[2]
         o, lse = q.new_empty(B, T, H, hd).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
-        if q.dtype == torch.bfloat16:
-            m = None if mask is None else mask.reshape(_four(mask.shape)).expand(B, H, T, S)
-            if m is not None and m.stride(-1) != 1:
-                m = m.contiguous()
-            mask_args = (0, 0, 0, 0) if m is None else (*m.stride()[:3], int(m.dtype == torch.bfloat16))
-            qkernel._qkernel.attend16_forward(
-                o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if m is None else m.data_ptr(),
-                B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], *mask_args, int(causal), float(scale))
-            ctx.mask_args = mask_args
-        else:
-            m = None
-            qkernel._qkernel.causal_forward(o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                            B, H, T, hd, *q.stride()[:3], *o.stride()[:3], float(scale))
+        m = None if mask is None else mask.reshape(_four(mask.shape)).expand(B, H, T, S)
+        if m is not None and m.stride(-1) != 1:
+            m = m.contiguous()
+        ctx.sizes = (B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3],
+                     *((0, 0, 0, 0) if m is None else (*m.stride()[:3], int(m.dtype == torch.bfloat16))), int(causal))
+        ctx.kernel = qkernel._qkernel.attend16_forward if bf else qkernel._qkernel.attend32_forward, \
+            qkernel._qkernel.attend16_backward if bf else qkernel._qkernel.attend32_backward
+        ctx.kernel[0](o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                      0 if m is None else m.data_ptr(), *ctx.sizes, float(scale))
         ctx.save_for_backward(q, k, v, o, lse, m)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.scale = scale
         ctx.mask_shape = None if mask is None else mask.shape
         return o
 
@@ -283,17 +282,10 @@ class KernelAttention(torch.autograd.Function):
             do = do.transpose(1, 2).contiguous().transpose(1, 2)
         dq = q.new_empty(B, T, H, hd).transpose(1, 2)
         dk, dv = (q.new_empty(B, S, H, hd).transpose(1, 2) for _ in range(2))
-        if q.dtype != torch.bfloat16:
-            qkernel._qkernel.causal_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(),
-                                             v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(), B, H, T, hd,
-                                             *q.stride()[:3], *o.stride()[:3], float(ctx.scale))
-            return dq, dk, dv, None, None, None
         dmask = torch.empty(B, H, T, S) if ctx.needs_input_grad[3] else None
-        qkernel._qkernel.attend16_backward(
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dmask is None else dmask.data_ptr(), q.data_ptr(),
-            k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(), 0 if m is None else m.data_ptr(),
-            B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], *ctx.mask_args, int(ctx.causal),
-            *dk.stride()[:3], float(ctx.scale))
+        ctx.kernel[1](dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if dmask is None else dmask.data_ptr(),
+                      q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), do.data_ptr(), lse.data_ptr(),
+                      0 if m is None else m.data_ptr(), *ctx.sizes, *dk.stride()[:3], float(ctx.scale))
         if dmask is not None:  # summed over the dimensions the mask broadcast along
             dims = [d for d, n in enumerate(_four(ctx.mask_shape)) if n == 1]
             dmask = (dmask.sum(dims, keepdim=True) if dims else dmask).reshape(ctx.mask_shape).to(m.dtype)

@@ -187,15 +187,15 @@ def test_rows_pay_measures_a_bounded_probe(monkeypatch):
     assert list(at._ROWS) == [(at.ROWS_PROBE // 512, 512, 2, 2, 8, torch.float32)]
 
 
-causal_kernel = pytest.mark.skipif(not at._CAUSAL_C, reason="the C kernels are not built here (or no AVX2)")
+f32_kernel = pytest.mark.skipif(not at._ATTEND_C, reason="the C kernels are not built here (or no AVX2)")
 
 
-@causal_kernel
+@f32_kernel
 @pytest.mark.parametrize("B,H,T,hd", [(2, 3, 37, 16), (1, 2, 5, 32), (2, 2, 64, 64)])
-def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
-    """Output and the three gradients against SDPA in float64, with q, k and v strided views of one
-    projection (B, T, 3·H·hd) as the attention layer makes them; T not a multiple of 8 or 16. The
-    output comes laid out (B, T, H, hd), so the layer's transpose back is a view."""
+def test_float32_kernel_equals_sdpa_causal(B, H, T, hd):
+    """Causal: output and the three gradients against SDPA in float64, with q, k and v strided
+    views of one projection (B, T, 3·H·hd) as the attention layer makes them; T not a multiple of
+    8 or 16. The output comes laid out (B, T, H, hd), so the layer's transpose back is a view."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
     q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in x.split(H * hd, -1))
@@ -209,6 +209,46 @@ def test_causal_kernel_equals_sdpa_forward_and_backward(B, H, T, hd):
     want.backward(grad.double())
     assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
     assert ((x.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
+
+
+def _masked_run(fn, x, grad, bias, keep, kind, dtype):
+    """fn's output and gradients (the mask's too, with a learned bias) from the leaves x, a mask of
+    `kind` made from bias and keep in float32 (float64 for the reference)"""
+    leaves = [t.to(dtype).clone().requires_grad_() for t in x]
+    b = bias.to(torch.float64 if dtype == torch.float64 else torch.float32).clone().requires_grad_()
+    mask = {"bias": lambda: torch.where(keep, b, torch.finfo(b.dtype).min),
+            "padding": lambda: torch.zeros_like(b[:1, :1, :1]).masked_fill(~keep, torch.finfo(b.dtype).min)
+            }.get(kind, lambda: None)()
+    y = fn(*(t.transpose(1, 2) for t in leaves), mask)
+    y.backward(grad.to(dtype))
+    return [y.double()] + [t.grad.double() for t in leaves] + ([b.grad.double()] if kind == "bias" else [])
+
+
+def _masked_case(B, H, T, S, hd, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(B, n, H, hd, generator=g) for n in (T, S, S)]
+    grad = torch.randn(B, T, H, hd, generator=g).transpose(1, 2)
+    bias = torch.randn(1, H, T, S, generator=g)
+    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    keep[0, ..., S - 3:] = False
+    return x, grad, bias, keep
+
+
+@f32_kernel
+@pytest.mark.parametrize("B,H,T,S,hd,kind", [(2, 3, 37, 37, 64, "none"), (2, 4, 40, 40, 48, "bias"),
+                                            (3, 2, 17, 29, 16, "bias"), (2, 4, 20, 50, 64, "padding")])
+def test_float32_kernel_equals_sdpa_with_a_mask(B, H, T, S, hd, kind):
+    """Without a causal flag: no mask, T5's learned relative bias under a padding mask (its gradient
+    too), cross-attention (S != T, k and v apart from q) with a padding mask; against SDPA in
+    float64, within 1e-5 of the largest value."""
+    x, grad, bias, keep = _masked_case(B, H, T, S, hd, seed=2)
+    got = _masked_run(lambda q, k, v, m: at.KernelAttention.apply(q, k, v, m, False, 0.2), x, grad, bias, keep, kind,
+                      torch.float32)
+    want = _masked_run(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.2), x, grad,
+                       bias, keep, kind, torch.float64)
+    assert len(got) == (5 if kind == "bias" else 4)
+    for a, w in zip(got, want):
+        assert ((a - w).abs().max() / w.abs().max()).item() < 1e-5
 
 
 bf16_kernel = pytest.mark.skipif(not at._ATTEND_BF16, reason="no bfloat16 C kernel here (needs AVX512-BF16)")
@@ -226,24 +266,12 @@ def test_bfloat16_kernel_is_as_close_as_sdpa(B, H, T, S, hd, kind):
     probabilities to bfloat16 for their products); with a learned bias, of `_explicit`'s products,
     the path it replaces there (SDPA's math path adds a float32 bias in float32). T not a multiple
     of the 16-query blocks or 32-key tiles; cross-attention (S != T) with k and v apart from q."""
-    g = torch.Generator().manual_seed(1)
-    x = [torch.randn(B, n, H, hd, generator=g).bfloat16() for n in (T, S, S)]
-    grad = torch.randn(B, T, H, hd, generator=g).bfloat16().transpose(1, 2)
-    bias = torch.randn(1, H, T, S, generator=g)
-    keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
-    keep[0, ..., S - 3:] = False
+    x, grad, bias, keep = _masked_case(B, H, T, S, hd, seed=1)
+    x, grad = [t.bfloat16() for t in x], grad.bfloat16()
+    causal = kind == "causal"
 
     def run(fn, dtype):
-        leaves = [t.to(dtype).clone().requires_grad_() for t in x]
-        b = bias.to(torch.float64 if dtype == torch.float64 else torch.float32).clone().requires_grad_()
-        mask = {"bias": lambda: torch.where(keep, b, torch.finfo(b.dtype).min),
-                "padding": lambda: torch.zeros_like(b[:1, :1, :1]).masked_fill(~keep, torch.finfo(b.dtype).min)
-                }.get(kind, lambda: None)()
-        y = fn(*(t.transpose(1, 2) for t in leaves), mask)
-        y.backward(grad.to(dtype))
-        return [y.double()] + [t.grad.double() for t in leaves] + ([b.grad.double()] if kind == "bias" else [])
-
-    causal = kind == "causal"
+        return _masked_run(fn, x, grad, bias, keep, kind, dtype)
     got = run(lambda q, k, v, m: at.KernelAttention.apply(q, k, v, m, causal, 0.2), torch.bfloat16)
     if kind == "bias":  # SDPA's math path: float32 inside; lmforge took `_explicit`'s products here
         sdpa = run(lambda q, k, v, m: at._explicit(q, k, v, m, False, 0.0, 0.2), torch.bfloat16)
@@ -258,11 +286,12 @@ def test_bfloat16_kernel_is_as_close_as_sdpa(B, H, T, S, hd, kind):
         assert err < 0.02 and err <= 1.5 * ref_err + 1e-3, (err, ref_err)
 
 
-@causal_kernel
-def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
-    """attend takes the kernel for float32 causal training without a mask, dropout or GQA exactly
-    where kernel_pays (the median ratio of alternating rounds, measured once per power-of-two
-    length, with the training margin) says so; below KERNEL_MIN_SCORES it keeps SDPA unmeasured."""
+@f32_kernel
+def test_float32_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
+    """attend takes the kernel for float32 training without dropout or GQA (causal, with a float
+    mask, or with neither) exactly where kernel_pays (the median ratio of alternating rounds,
+    measured once per mask layout and power-of-two length, with the training margin) says so;
+    below KERNEL_MIN_SCORES it keeps SDPA unmeasured."""
     calls, used = [], []
     monkeypatch.setattr(at, "_KERNEL", {})
     monkeypatch.setattr(at, "KERNEL_MIN_SCORES", 1)
@@ -278,17 +307,20 @@ def test_causal_kernel_follows_its_measurement_and_its_conditions(monkeypatch):
     with torch.no_grad():
         at.attend(q, k, v, is_causal=True)  # inference
     at.attend(q, k, v, is_causal=True, dropout_p=0.1)
-    at.attend(q, k, v, mask=torch.zeros(1, 1, 12, 12))
     at.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)  # bfloat16 wants hd % 32 == 0
-    assert used == [1, 1, 1]
+    at.attend(q, k, v, mask=torch.zeros(2, 1, 1, 12).bool())  # a boolean mask
+    assert used == [1, 1, 1] and len(calls) == 1
+    at.attend(q, k, v, mask=torch.zeros(1, 1, 12, 12))
+    at.attend(q, k[:, :, :7], v[:, :, :7], mask=torch.zeros(2, 1, 1, 7))  # cross-attention
+    assert used == [1, 1, 1, 1, 1] and len(calls) == 3  # each mask layout measured on its own
     at._KERNEL.clear()
     monkeypatch.setattr(at, "median_ratio", lambda a, b, rounds: calls.append(1) or 1.25)
     at.attend(q, k, v, is_causal=True)
-    assert used == [1, 1, 1] and len(calls) == 2  # 1.25x is within the margin: SDPA
+    assert len(used) == 5 and len(calls) == 4  # 1.25x is within the margin: SDPA
     at._KERNEL.clear()
     monkeypatch.setattr(at, "KERNEL_MIN_SCORES", 2 * 3 * 16 * 16 + 1)
     at.attend(q, k, v, is_causal=True)
-    assert used == [1, 1, 1] and len(calls) == 2  # too small to measure: SDPA
+    assert len(used) == 5 and len(calls) == 4  # too small to measure: SDPA
 
 
 @bf16_kernel
