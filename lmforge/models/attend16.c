@@ -330,19 +330,7 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
 }
 
 #else
-static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
-    (void)args, (void)nargs, (void)back;
-    PyErr_SetString(PyExc_RuntimeError, "attend16: built without AVX512-BF16 support");
-    return NULL;
-}
+QK_RUN_UNAVAILABLE("attend16: built without AVX512-BF16 support")
 #endif
 
-PyObject *py_attend16_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 0);
-}
-
-PyObject *py_attend16_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 1);
-}
+QK_FORWARD_BACKWARD(attend16)

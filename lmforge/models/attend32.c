@@ -159,19 +159,7 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
 }
 
 #else
-static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
-    (void)args, (void)nargs, (void)back;
-    PyErr_SetString(PyExc_RuntimeError, "attend32: built without x86-64 SIMD");
-    return NULL;
-}
+QK_RUN_UNAVAILABLE("attend32: built without x86-64 SIMD")
 #endif
 
-PyObject *py_attend32_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 0);
-}
-
-PyObject *py_attend32_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 1);
-}
+QK_FORWARD_BACKWARD(attend32)

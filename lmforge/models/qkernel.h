@@ -98,6 +98,26 @@ static inline void store1(void *p, int64_t i, float v, int bf) {
 }
 
 
+/* run(args, nargs, back) for a file built without the SIMD its kernel needs: raises RuntimeError(MESSAGE) */
+#define QK_RUN_UNAVAILABLE(MESSAGE)                                                              \
+    static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {                    \
+        (void)args, (void)nargs, (void)back;                                                    \
+        PyErr_SetString(PyExc_RuntimeError, MESSAGE);                                           \
+        return NULL;                                                                            \
+    }
+
+/* py_NAME_forward and py_NAME_backward, the Python entries of a kernel with a forward and a
+ * backward: the defining file's run(args, nargs, back) with back 0 and 1 */
+#define QK_FORWARD_BACKWARD(NAME)                                                                \
+    PyObject *py_##NAME##_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {    \
+        (void)self;                                                                             \
+        return run(args, nargs, 0);                                                             \
+    }                                                                                           \
+    PyObject *py_##NAME##_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {   \
+        (void)self;                                                                             \
+        return run(args, nargs, 1);                                                             \
+    }
+
 PyObject *py_float_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_gather_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

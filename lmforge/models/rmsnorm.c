@@ -102,19 +102,7 @@ static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
 }
 
 #else
-static PyObject *run(PyObject *const *args, Py_ssize_t nargs, int back) {
-    (void)args, (void)nargs, (void)back;
-    PyErr_SetString(PyExc_RuntimeError, "rmsnorm: built without x86-64 SIMD");
-    return NULL;
-}
+QK_RUN_UNAVAILABLE("rmsnorm: built without x86-64 SIMD")
 #endif
 
-PyObject *py_rmsnorm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 0);
-}
-
-PyObject *py_rmsnorm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    return run(args, nargs, 1);
-}
+QK_FORWARD_BACKWARD(rmsnorm)
