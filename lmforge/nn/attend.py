@@ -235,9 +235,11 @@ def _four(shape) -> tuple:
     return (1,) * (4 - len(shape)) + tuple(shape)
 
 
-def _even(t: torch.Tensor) -> torch.Tensor:
-    """t with unit stride along its last dimension and even strides (the kernels' pairs), copied if not."""
-    return t if t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:-1]) else t.contiguous()
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dimension, as the kernels read rows, and for bfloat16 even
+    strides besides (attend16.c's pairs); copied if not."""
+    even = t.dtype != torch.bfloat16 or all(s % 2 == 0 for s in t.stride()[:-1])
+    return t if t.stride(-1) == 1 and even else t.contiguous()
 
 
 class KernelAttention(torch.autograd.Function):
@@ -252,9 +254,7 @@ class KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale):
-        bf = q.dtype == torch.bfloat16
-        if bf:  # pairs of bfloat16
-            q, k, v = _even(q), _even(k), _even(v)
+        q, k, v = _unit(q), _unit(k), _unit(v)
         if k.stride() != v.stride():
             k, v = k.contiguous(), v.contiguous()
         (B, H, T, hd), S = q.shape, k.shape[2]
@@ -264,8 +264,9 @@ class KernelAttention(torch.autograd.Function):
             m = m.contiguous()
         ctx.sizes = (B, H, T, S, hd, *q.stride()[:3], *k.stride()[:3], *o.stride()[:3],
                      *((0, 0, 0, 0) if m is None else (*m.stride()[:3], int(m.dtype == torch.bfloat16))), int(causal))
-        ctx.kernel = qkernel._qkernel.attend16_forward if bf else qkernel._qkernel.attend32_forward, \
-            qkernel._qkernel.attend16_backward if bf else qkernel._qkernel.attend32_backward
+        kernels = qkernel._qkernel
+        ctx.kernel = ((kernels.attend16_forward, kernels.attend16_backward) if q.dtype == torch.bfloat16
+                      else (kernels.attend32_forward, kernels.attend32_backward))
         ctx.kernel[0](o.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                       0 if m is None else m.data_ptr(), *ctx.sizes, float(scale))
         ctx.save_for_backward(q, k, v, o, lse, m)

@@ -211,6 +211,23 @@ def test_float32_kernel_equals_sdpa_causal(B, H, T, hd):
     assert ((x.grad.double() - x64.grad).abs().max() / x64.grad.abs().max()).item() < 1e-5
 
 
+@f32_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_takes_inputs_strided_along_the_head(dtype):
+    """q laid out with hd not innermost (a transposed view) is copied to rows before the kernel
+    reads it, in either dtype: the output equals the kernel's on the same values laid out as rows."""
+    if dtype == torch.bfloat16 and not at._ATTEND_BF16:
+        pytest.skip("no bfloat16 C kernel here (needs AVX512-BF16)")
+    g = torch.Generator().manual_seed(3)
+    B, H, T, hd = 2, 2, 20, 32
+    q = torch.randn(B, H, hd, T, generator=g).to(dtype).transpose(-1, -2)
+    k, v = (torch.randn(B, H, T, hd, generator=g).to(dtype) for _ in range(2))
+    assert q.stride(-1) != 1
+    got = at.KernelAttention.apply(q, k, v, None, True, 0.25)
+    want = at.KernelAttention.apply(q.contiguous(), k, v, None, True, 0.25)
+    assert torch.equal(got, want)
+
+
 def _masked_run(fn, x, grad, bias, keep, kind, dtype):
     """fn's output and gradients (the mask's too, with a learned bias) from the leaves x, a mask of
     `kind` made from bias and keep in float32 (float64 for the reference)"""
